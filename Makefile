@@ -1,0 +1,31 @@
+# Set-up and the two main jobs. Every target creates .venv and installs what it needs.
+#   make demo   train the autoencoder on the bundled digits and write a reconstruction grid
+#   make test   run the test suite
+# Elsewhere, pick the torch build for your machine: make demo TORCH="torch torchvision"
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.ldm-installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ldm data prepare digits --out data/digits
+	$(BIN)/ldm fit --config configs/autoencoder/digits.yaml
+	$(BIN)/ldm reconstruct --model checkpoints/digits-vae --data data/digits --out outputs/digits_vae_reconstructions.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf logs outputs lightning_logs checkpoints/digits-vae

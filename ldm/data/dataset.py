@@ -1,0 +1,110 @@
+"""A map-style dataset of (image, caption) pairs read from a folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ldm.data.images import load_rgb
+from ldm.data.records import ImageRecord
+
+__all__ = ["CROP_CHOICES", "ImageCaptionDataset", "build_transform"]
+
+CROP_CHOICES = ("center", "random")
+
+
+def build_transform(image_size: int, crop: str = "center", random_flip: bool = False) -> v2.Compose:
+    """Build the PIL-RGB-image -> ``FloatTensor[3, S, S]`` in [-1, 1] transform.
+
+    The shorter side is resized (with antialiasing) to ``image_size``, then a square of that size
+    is cropped.
+
+    Args:
+        image_size: Output height and width in pixels.
+        crop: ``"center"`` for a centre crop, ``"random"`` for a random crop (augmentation).
+        random_flip: Flip horizontally with probability 0.5. Off by default because it makes
+            captions that say "left" or "right" wrong.
+
+    Raises:
+        ValueError: Unknown ``crop`` or a non-positive ``image_size``.
+    """
+    if crop not in CROP_CHOICES:
+        raise ValueError(f"crop must be one of {CROP_CHOICES}, got {crop!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
+    steps: list[v2.Transform] = [
+        v2.Resize(image_size, antialias=True),
+        v2.CenterCrop(image_size) if crop == "center" else v2.RandomCrop(image_size),
+    ]
+    if random_flip:
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
+    steps += [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # [0, 1] -> [-1, 1]
+    ]
+    return v2.Compose(steps)
+
+
+class ImageCaptionDataset(Dataset):
+    """Images with captions, as ``{"image": FloatTensor[3, S, S] in [-1, 1], "text": str,
+    "index": int}`` items.
+
+    In training mode each access draws one of the image's captions uniformly with
+    ``torch.randint`` (so DataLoader worker seeding applies); in eval mode the first caption is
+    always used. Images without captions give ``""``.
+
+    Args:
+        root: Dataset folder that record paths are relative to.
+        records: The images and their captions (e.g. from `discover_records`, after
+            `scan_records`).
+        image_size: Output height and width in pixels.
+        crop: ``"center"`` or ``"random"`` square crop after resizing the shorter side.
+        random_flip: Random horizontal flips (off by default: they break "left"/"right" captions).
+        train: Training mode (random caption per access) or eval mode (first caption).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        records: Sequence[ImageRecord],
+        image_size: int = 32,
+        crop: str = "center",
+        random_flip: bool = False,
+        train: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.records = list(records)
+        self.image_size = image_size
+        self.train = train
+        self.transform = build_transform(image_size, crop, random_flip)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption(self, index: int) -> str:
+        """Pick the caption for one access: random in training mode, the first in eval mode.
+
+        Args:
+            index: Record index.
+        """
+        captions = self.records[index].captions
+        if not captions:
+            return ""
+        if not self.train or len(captions) == 1:
+            return captions[0]
+        return captions[int(torch.randint(len(captions), ()).item())]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        record = self.records[index]
+        image = load_rgb(self.root / record.path)
+        return {
+            "image": self.transform(image).as_subclass(torch.Tensor),
+            "text": self.caption(index),
+            "index": index,
+        }

@@ -1,0 +1,29 @@
+"""Write image grids from a LightningModule: a PNG on disk and, when available, TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+
+def log_image_grid(module: pl.LightningModule, name: str, images: torch.Tensor, nrow: int = 8) -> Path | None:
+    """Save ``images`` (in [-1, 1]) as ``{log_dir}/{name}/step_{global_step:06d}.png`` and log to TensorBoard.
+
+    Only global rank 0 writes; returns the PNG path there, None elsewhere or when not attached to a Trainer.
+    """
+    trainer = module._trainer
+    if trainer is None or trainer.global_rank != 0 or trainer.sanity_checking:
+        return None
+    grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1)
+    out_dir = Path(trainer.log_dir or trainer.default_root_dir) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"step_{trainer.global_step:06d}.png"
+    save_image(grid, path)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(name, grid, trainer.global_step)
+    return path

@@ -1,0 +1,58 @@
+"""``save_pretrained`` / ``from_pretrained`` for our LightningModules: ``config.json`` + safetensors files.
+
+A model folder holds the constructor arguments (``config.json``, plus any extra values the model
+measured, such as the latent scaling factor) and one or more ``*.safetensors`` weight files. Loading
+never executes code from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def write_model_folder(path: str | Path, config: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write ``config.json`` and one safetensors file per entry of ``weights`` (file name -> state dict)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, state in weights.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / file_name))
+    (folder / CONFIG_NAME).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_model_folder(path: str | Path, expected_class: str) -> tuple[dict[str, Any], Path]:
+    """Read and check ``config.json``; returns the config and the folder."""
+    folder = Path(path)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a model folder: {CONFIG_NAME} is missing. Pass a folder written by save_pretrained()."
+        )
+    config = json.loads(config_path.read_text())
+    found = config.get("_class_name")
+    if found != expected_class:
+        raise ValueError(f"{config_path} describes a {found!r}, not a {expected_class!r}.")
+    return config, folder
+
+
+def load_weights(folder: Path, file_name: str) -> dict[str, torch.Tensor]:
+    """Load one safetensors file of a model folder, with a clear error when it is missing."""
+    path = folder / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the model folder is incomplete.")
+    return load_file(str(path))
