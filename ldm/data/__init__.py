@@ -1,0 +1,24 @@
+"""Data layer: captioned image folders, built-in datasets, transforms and the DataModule."""
+
+from ldm.data.builtin import BUILTIN_DATASETS, prepare_builtin
+from ldm.data.datamodule import ImageCaptionDataModule
+from ldm.data.dataset import ImageCaptionDataset, build_transform
+from ldm.data.images import BadImageError, load_rgb
+from ldm.data.records import ImageRecord
+from ldm.data.scan import scan_records
+from ldm.data.sources import discover_records
+from ldm.data.split import split_records
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "BadImageError",
+    "ImageCaptionDataModule",
+    "ImageCaptionDataset",
+    "ImageRecord",
+    "build_transform",
+    "discover_records",
+    "load_rgb",
+    "prepare_builtin",
+    "scan_records",
+    "split_records",
+]

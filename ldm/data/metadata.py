@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ def read_metadata_jsonl(
 
     Args:
         path: The JSON-lines file; ``file_name`` values are relative to its folder.
-        image_column: Key holding the image path (``file_name`` or ``image`` also accepted).
-        caption_column: Key holding a caption string or a list of captions (``text`` or
-            ``caption`` also accepted).
+        image_column: Key holding the image path (with the default, ``image`` is also
+            accepted).
+        caption_column: Key holding a caption string or a list of captions (with the
+            default, ``caption`` is also accepted).
 
     Raises:
         ValueError: A line is not a JSON object, lacks the image key, has a caption that is not a
@@ -79,8 +81,10 @@ def read_metadata_csv(
     Args:
         path: The CSV file (UTF-8, with a header row). Image paths in it are relative to the
             dataset folder.
-        image_column: Column holding the image path (``file_name`` or ``image`` also accepted).
-        caption_column: Column holding the caption (``text`` or ``caption`` also accepted).
+        image_column: Column holding the image path (with the default, ``image`` is also
+            accepted).
+        caption_column: Column holding the caption (with the default, ``caption`` is also
+            accepted).
 
     Raises:
         ValueError: The image column is missing, or a path is empty or outside the dataset folder.
@@ -96,6 +100,10 @@ def read_metadata_csv(
                 f"{path}: no image column {image_column!r} (columns: {', '.join(header) or 'none'})"
             )
         caption_key = _pick_key(header, caption_column, CAPTION_COLUMN_ALIASES)
+        if caption_key is None and caption_column not in CAPTION_COLUMN_ALIASES:
+            raise ValueError(
+                f"{path}: no caption column {caption_column!r} (columns: {', '.join(header)})"
+            )
         for row in reader:
             where = f"{path}, line {reader.line_num}"
             file_name = row.get(image_key) or ""
@@ -122,9 +130,11 @@ class _RecordMerger:
         return list(self._by_path.values())
 
 
-def _pick_key(keys, preferred: str, aliases: tuple[str, ...]) -> str | None:
+def _pick_key(keys: Iterable[str], preferred: str, aliases: tuple[str, ...]) -> str | None:
+    """The key to use: ``preferred`` or, when it is one of the aliases, any other alias."""
     keys = list(keys)
-    for candidate in (preferred, *aliases):
+    candidates = (preferred, *aliases) if preferred in aliases else (preferred,)
+    for candidate in candidates:
         if candidate in keys:
             return candidate
     return None

@@ -94,8 +94,10 @@ def discover_records(
         root: Dataset folder.
         csv_file: An explicit CSV file (absolute or relative to ``root``); otherwise the layout is
             detected (metadata.jsonl, then metadata.csv, then sidecar caption files).
-        image_column: Key/column holding the image path (``file_name`` or ``image`` also accepted).
-        caption_column: Key/column holding the caption (``text`` or ``caption`` also accepted).
+        image_column: Key/column holding the image path (with the default, ``image`` is
+            also accepted).
+        caption_column: Key/column holding the caption (with the default, ``caption`` is
+            also accepted).
 
     Returns:
         Records in file order (sorted by path for sidecar folders). Files are not opened here.

@@ -152,8 +152,8 @@ class AutoencoderKL(pl.LightningModule):
                 self.manual_backward(d_loss)
                 opt_disc.step()
             logs.update(d_logs)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
-        self.log("train/rec_loss", logs["rec_loss"], prog_bar=True)
+        self.log("train/rec_loss", logs.pop("rec_loss"), prog_bar=True, batch_size=x.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=x.shape[0])
 
     def configure_optimizers(self):
         betas = tuple(self.hparams.adam_betas)
@@ -172,12 +172,13 @@ class AutoencoderKL(pl.LightningModule):
         target, output = (x + 1) / 2, ((rec + 1) / 2).clamp(0, 1)
         self.val_psnr(output, target)
         self.val_ssim(output, target)
-        self.log("val/rec_loss", logs["rec_loss"], sync_dist=True)
-        self.log("val/psnr", self.val_psnr, prog_bar=True)
-        self.log("val/ssim", self.val_ssim)
+        n = x.shape[0]
+        self.log("val/rec_loss", logs["rec_loss"], sync_dist=True, batch_size=n)
+        self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=n)
+        self.log("val/ssim", self.val_ssim, batch_size=n)
         if batch_idx == 0:
-            n = self.hparams.num_logged_images
-            log_image_grid(self, "reconstructions", torch.cat([x[:n], rec[:n]]), nrow=min(n, x.shape[0]))
+            k = min(self.hparams.num_logged_images, n)
+            log_image_grid(self, "reconstructions", torch.cat([x[:k], rec[:k]]), nrow=k)
 
     # ----------------------------------------------------------------- scaling factor
     def on_train_end(self) -> None:
@@ -214,7 +215,9 @@ class AutoencoderKL(pl.LightningModule):
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` (constructor arguments + scaling factor), ``model.safetensors`` (the
         autoencoder, with Stable Diffusion's key names) and ``discriminator.safetensors`` if any."""
-        config = {"_class_name": type(self).__name__, **dict(self.hparams), "scaling_factor": float(self.scaling_factor)}
+        # LightningCLI adds private entries such as `_class_path` to hparams: not constructor arguments.
+        args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        config = {"_class_name": type(self).__name__, **args, "scaling_factor": float(self.scaling_factor)}
         weights = {WEIGHTS_NAME: self.vae.state_dict()}
         if self.loss.discriminator is not None:
             weights[DISCRIMINATOR_NAME] = self.loss.discriminator.state_dict()

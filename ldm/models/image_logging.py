@@ -19,7 +19,9 @@ def log_image_grid(module: pl.LightningModule, name: str, images: torch.Tensor, 
     if trainer is None or trainer.global_rank != 0 or trainer.sanity_checking:
         return None
     grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1)
-    out_dir = Path(trainer.log_dir or trainer.default_root_dir) / name
+    # Not trainer.log_dir: under DDP it broadcasts, and only rank 0 gets here.
+    logger_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    out_dir = Path(logger_dir or trainer.default_root_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"step_{trainer.global_step:06d}.png"
     save_image(grid, path)

@@ -1,0 +1,206 @@
+"""The LightningDataModule that turns a folder of captioned images into training batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ldm.data.builtin import BUILTIN_DATASETS, is_prepared, prepare_builtin
+from ldm.data.dataset import CROP_CHOICES, ImageCaptionDataset
+from ldm.data.scan import ON_BAD_FILE_CHOICES, scan_records
+from ldm.data.sources import LAYOUT_HELP, discover_records
+from ldm.data.split import split_records
+
+__all__ = ["ImageCaptionDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+class ImageCaptionDataModule(L.LightningDataModule):
+    """Images with captions from a folder (or a built-in dataset), as batches for training.
+
+    Batches are dicts: ``image`` FloatTensor[B, 3, S, S] in [-1, 1], ``text`` list of B
+    captions, ``index`` LongTensor[B]. Every rank discovers, scans and splits the data the same
+    deterministic way, so this works unchanged under DDP (Lightning adds the distributed sampler).
+
+    Args:
+        root: Dataset folder (with metadata.jsonl, metadata.csv, or .txt/.caption files beside
+            the images), or the name of a built-in dataset ("digits", "shapes"). An existing
+            folder always wins over a built-in name; a built-in is prepared in
+            ``{data_dir}/{root}`` when missing.
+        data_dir: Where built-in datasets are written.
+        csv_file: A CSV file with image paths and captions (absolute, or relative to ``root``);
+            when given it is used instead of auto-detecting the layout.
+        image_column: Metadata key/CSV column with the image path relative to ``root``
+            (with the default, "image" is also accepted).
+        caption_column: Metadata key/CSV column with the caption(s) (with the default, "caption"
+            is also accepted).
+        image_size: Height and width of training images; the shorter side is resized to it, then
+            a square is cropped.
+        crop: "center" or "random" crop for training ("center" is always used for validation).
+        random_flip: Random horizontal flips for training. Off by default: flips make captions
+            that say "left" or "right" wrong.
+        val_fraction: Share of images held out for validation, in [0, 1), assigned by a stable
+            hash of the file path. Ignored for images whose metadata has a "split" value.
+        batch_size: Training batch size (per device).
+        val_batch_size: Validation batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        pin_memory: Pin batches in page-locked memory (faster copies to a GPU).
+        persistent_workers: Keep workers alive between epochs (only used when num_workers > 0).
+        on_bad_file: What to do with unreadable or missing images found at set-up: "skip" leaves
+            them out and logs each one; "error" stops at the first.
+        max_train_samples: Use only the first N training images (for quick runs).
+        builtin_options: Options for preparing a built-in dataset, e.g. ``{"image_size": 64,
+            "num_images": 5000}`` for "shapes".
+    """
+
+    def __init__(
+        self,
+        root: str = "digits",
+        data_dir: str = "data",
+        csv_file: str | None = None,
+        image_column: str = "file_name",
+        caption_column: str = "text",
+        image_size: int = 32,
+        crop: Literal["center", "random"] = "center",
+        random_flip: bool = False,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        on_bad_file: Literal["skip", "error"] = "skip",
+        max_train_samples: int | None = None,
+        builtin_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("crop", crop, CROP_CHOICES)
+        _check_choice("on_bad_file", on_bad_file, ON_BAD_FILE_CHOICES)
+        if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        for name, value in (("image_size", image_size), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be a positive integer, got {val_batch_size!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        if max_train_samples is not None and max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be positive, got {max_train_samples!r}")
+        self.save_hyperparameters()
+        self.root = root
+        self.data_dir = data_dir
+        self.csv_file = csv_file
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.image_size = image_size
+        self.crop = crop
+        self.random_flip = random_flip
+        self.val_fraction = float(val_fraction)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.on_bad_file = on_bad_file
+        self.max_train_samples = max_train_samples
+        self.builtin_options = dict(builtin_options or {})
+        self.dataset_root, self.builtin_name = _resolve_root(root, data_dir)
+        self.train_dataset: ImageCaptionDataset | None = None
+        self.val_dataset: ImageCaptionDataset | None = None
+        self.skipped: list[tuple[str, str]] = []
+
+    def prepare_data(self) -> None:
+        """Write the built-in dataset if ``root`` names one and it is not on disk yet."""
+        if self.builtin_name is not None:
+            prepare_builtin(self.builtin_name, self.dataset_root, **self.builtin_options)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Discover the images, drop unreadable ones, and split train/validation.
+
+        Args:
+            stage: Lightning stage ("fit", "validate", ...); the same data serves every stage.
+        """
+        if self.train_dataset is not None:
+            return
+        if self.builtin_name is not None and not is_prepared(self.dataset_root):
+            self.prepare_data()  # used outside a Trainer without calling prepare_data() first
+        records = discover_records(
+            self.dataset_root, self.csv_file, self.image_column, self.caption_column
+        )
+        records, self.skipped = scan_records(self.dataset_root, records, self.on_bad_file)
+        train, val = split_records(records, self.val_fraction)
+        if not train:
+            raise ValueError(
+                f"no training images left in {str(self.dataset_root)!r}: all {len(val)} readable "
+                "images are in the validation split (check 'split' metadata or val_fraction)"
+            )
+        if self.max_train_samples is not None:
+            train = train[: self.max_train_samples]
+        common = {"root": self.dataset_root, "image_size": self.image_size}
+        self.train_dataset = ImageCaptionDataset(
+            records=train, crop=self.crop, random_flip=self.random_flip, train=True, **common
+        )
+        self.val_dataset = ImageCaptionDataset(records=val, crop="center", train=False, **common)
+        log.info(
+            "%s: %d training and %d validation images (%d unreadable skipped)",
+            self.dataset_root, len(train), len(val), len(self.skipped),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the last partial batch is dropped when there is more than
+        one batch."""
+        dataset = self._require(self.train_dataset)
+        return self._loader(
+            dataset, self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order (an empty list when there is no validation set)."""
+        dataset = self._require(self.val_dataset)
+        if len(dataset) == 0:
+            return []
+        return self._loader(dataset, self.val_batch_size, shuffle=False, drop_last=False)
+
+    def _loader(
+        self, dataset: ImageCaptionDataset, batch_size: int, shuffle: bool, drop_last: bool
+    ) -> DataLoader:
+        extra = {"persistent_workers": self.persistent_workers} if self.num_workers > 0 else {}
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **extra,
+        )
+
+    @staticmethod
+    def _require(dataset: ImageCaptionDataset | None) -> ImageCaptionDataset:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return dataset
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _resolve_root(root: str, data_dir: str) -> tuple[Path, str | None]:
+    """Return (dataset folder, built-in name or None) for the ``root`` argument."""
+    path = Path(root).expanduser()
+    if path.is_dir():
+        return path, None
+    if root in BUILTIN_DATASETS:
+        return Path(data_dir).expanduser() / root, root
+    raise FileNotFoundError(
+        f"root {root!r} is neither an existing folder nor a built-in dataset "
+        f"(built-in: {', '.join(sorted(BUILTIN_DATASETS))}). {LAYOUT_HELP}"
+    )
