@@ -121,3 +121,25 @@ def test_from_pretrained_rejects_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "LatentDiffusion"}))
     with pytest.raises(ValueError, match="LatentDiffusion"):
         AutoencoderKL.from_pretrained(tmp_path)
+
+
+def test_resume_from_last_checkpoint_continues_where_it_stopped(tmp_path, tiny_dataset, tiny_vae_kwargs):
+    ckpt_dir = tmp_path / "ckpt"
+
+    def run(max_epochs: int, ckpt_path: str | None) -> tuple[pl.Trainer, AutoencoderKL]:
+        pl.seed_everything(0)
+        model = AutoencoderKL(**tiny_vae_kwargs, disc_start=2, scale_factor_batches=0)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
+        trainer = _trainer(tmp_path, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0,
+                           enable_checkpointing=True, callbacks=[checkpoint])
+        trainer.fit(model, datamodule=_datamodule(tiny_dataset), ckpt_path=ckpt_path)
+        return trainer, model
+
+    first, first_model = run(1, None)
+    assert first.global_step == 4  # 3 autoencoder steps + 1 discriminator step (batch index 2)
+    disc_after_first = _disc_params(first_model)
+    resumed, resumed_model = run(2, str(ckpt_dir / "last.ckpt"))
+    assert resumed.current_epoch == 2
+    # The batch counter was restored, so every batch of epoch 2 is past disc_start: 3 + 3 more steps.
+    assert resumed.global_step == 10
+    assert any(not torch.equal(a, b) for a, b in zip(disc_after_first, resumed_model.loss.discriminator.parameters()))
