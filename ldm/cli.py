@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Models whose every constructor argument `ldm fit --help` documents.
-MODEL_CLASSES = ("ldm.models.AutoencoderKL",)
+MODEL_CLASSES = ("ldm.models.AutoencoderKL", "ldm.models.LatentDiffusion")
 
 
 def _lightning_cli(args: list[str]) -> None:
@@ -60,7 +60,23 @@ def _data_main(args: list[str]) -> None:
     prep.add_argument("--image-size", type=int, default=None, help="image size in pixels (shapes: 32 or 64)")
     prep.add_argument("--num-images", type=int, default=None, help="number of images (shapes only)")
     prep.add_argument("--seed", type=int, default=None, help="random seed (shapes only)")
+    tok = sub.add_parser("tokenizer", help="train a small CLIP-style BPE tokenizer on a dataset's captions")
+    tok.add_argument("root", help="dataset folder or built-in name")
+    tok.add_argument("--out", required=True, help="output folder (loadable with CLIPTokenizer.from_pretrained)")
+    tok.add_argument("--data-dir", default="data", help="where built-in datasets live")
+    tok.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary to learn")
     ns = parser.parse_args(args)
+    if ns.command == "tokenizer":
+        from ldm.data import ImageCaptionDataModule
+        from ldm.data.tokenizer import train_clip_tokenizer
+
+        dm = ImageCaptionDataModule(root=ns.root, data_dir=ns.data_dir)
+        dm.prepare_data()
+        dm.setup("fit")
+        captions = [c for ds in (dm.train_dataset, dm.val_dataset) for r in ds.records for c in r.captions]
+        path = train_clip_tokenizer(captions, ns.out, vocab_size=ns.vocab_size)
+        print(f"Trained a tokenizer on {len(captions)} captions; wrote {path}")
+        return
     options = {k: v for k, v in {"image_size": ns.image_size, "num_images": ns.num_images, "seed": ns.seed}.items() if v is not None}
     path = prepare_builtin(ns.name, ns.out, **options)
     print(f"Prepared {ns.name} in {path}")
@@ -99,11 +115,40 @@ def _reconstruct_main(args: list[str]) -> None:
     print(f"Wrote the reconstruction grid (top: originals, bottom: reconstructions) to {ns.out}")
 
 
+def _evaluate_main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ldm evaluate", description="Evaluate an exported text-to-image model.")
+    sub = parser.add_subparsers(dest="task", required=True)
+    digits = sub.add_parser("digits", help="prompt accuracy on 'a handwritten digit N' with a classifier trained on real digits")
+    digits.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
+    digits.add_argument("--steps", type=int, default=20, help="sampler steps")
+    digits.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    digits.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    digits.add_argument("--per-digit", type=int, default=10, help="samples per digit")
+    digits.add_argument("--seed", type=int, default=0, help="first seed")
+    digits.add_argument("--out", default="outputs/demo_samples.png", help="PNG grid: one row per digit 0..9")
+    ns = parser.parse_args(args)
+
+    from ldm.evaluation.digit_accuracy import evaluate_digit_prompts
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(ns.model)
+    result = evaluate_digit_prompts(pipe, ns.steps, ns.guidance, ns.sampler, ns.per_digit, ns.seed, ns.out)
+    print(
+        f"prompt accuracy {100 * result['accuracy']:.1f}% over {result['samples']} samples "
+        f"({ns.sampler}, {ns.steps} steps, guidance {ns.guidance}); per digit: "
+        + " ".join(f"{d}:{100 * a:.0f}%" for d, a in enumerate(result["per_digit"]))
+    )
+    print(f"classifier accuracy on held-out real digits: {100 * result['classifier_accuracy']:.1f}%")
+    print(f"Wrote the sample grid (row d: 'a handwritten digit d') to {ns.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ldm`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "data":
         _data_main(args[1:])
+    elif args and args[0] == "evaluate":
+        _evaluate_main(args[1:])
     elif args and args[0] == "reconstruct":
         _reconstruct_main(args[1:])
     elif args and args[0] in LIGHTNING_SUBCOMMANDS:
@@ -112,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             "usage: ldm {fit,validate,test,predict} --config CONFIG [...]   train/evaluate (LightningCLI; --help lists every knob)\n"
             "       ldm data prepare {digits,shapes} --out DIR             write a bundled dataset\n"
-            "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid",
+            "       ldm data tokenizer ROOT --out DIR                      train a CLIP-style tokenizer on captions\n"
+            "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid\n"
+            "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )
         if args and args[0] not in ("-h", "--help"):

@@ -34,3 +34,44 @@ TINY_VAE = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, resolution=32, z_chan
 @pytest.fixture
 def tiny_vae_kwargs() -> dict:
     return dict(TINY_VAE)
+
+
+# A tiny text-conditional UNet (f=4 latents of 8x8x4 from the tiny VAE).
+TINY_UNET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_head_channels=8, norm_groups=8)
+TINY_TEXT = dict(hidden_size=16, num_layers=1, num_heads=2)
+
+
+def make_ldm_assets(root: Path) -> dict[str, Path]:
+    """A tiny captioned dataset, a saved tiny autoencoder (scaling factor measured) and a tokenizer."""
+    import torch
+
+    from ldm.data.tokenizer import train_clip_tokenizer
+    from ldm.models import AutoencoderKL
+
+    data = write_tiny_dataset(root / "data", n=24)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE)
+    vae.scaling_factor.fill_(0.5)
+    vae.save_pretrained(root / "vae")
+    captions = [f"image {i}" for i in range(24)] + [f"picture {i}" for i in range(24)]
+    tokenizer = train_clip_tokenizer(captions, root / "tokenizer", vocab_size=300)
+    return {"data": data, "vae": root / "vae", "tokenizer": Path(tokenizer)}
+
+
+def tiny_ldm_kwargs(assets: dict[str, Path], **overrides) -> dict:
+    kwargs = dict(
+        autoencoder=str(assets["vae"]),
+        tokenizer=str(assets["tokenizer"]),
+        text_encoder_config=TINY_TEXT,
+        train_text_encoder=True,
+        unet=TINY_UNET,
+        learning_rate=1e-3,
+        val_prompts=["image 1", "picture 2"],
+        val_steps=3,
+    )
+    return {**kwargs, **overrides}
+
+
+@pytest.fixture
+def ldm_assets(tmp_path: Path) -> dict[str, Path]:
+    return make_ldm_assets(tmp_path / "assets")

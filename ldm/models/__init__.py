@@ -2,5 +2,6 @@
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.callbacks import SavePretrained
+from ldm.models.latent_diffusion import LatentDiffusion
 
-__all__ = ["AutoencoderKL", "SavePretrained"]
+__all__ = ["AutoencoderKL", "LatentDiffusion", "SavePretrained"]

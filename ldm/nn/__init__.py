@@ -3,6 +3,7 @@
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.discriminator import NLayerDiscriminator
 from ldm.nn.distributions import DiagonalGaussianDistribution
+from ldm.nn.unet import UNetModel
 from ldm.nn.vae import Decoder, Encoder
 
-__all__ = ["KLAutoencoder", "NLayerDiscriminator", "DiagonalGaussianDistribution", "Encoder", "Decoder"]
+__all__ = ["KLAutoencoder", "NLayerDiscriminator", "DiagonalGaussianDistribution", "Encoder", "Decoder", "UNetModel"]

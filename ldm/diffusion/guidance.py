@@ -1,0 +1,24 @@
+"""Classifier-free guidance (Ho & Salimans 2022) with optional std rescaling (Lin et al. 2023)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def classifier_free_guidance(
+    cond_out: torch.Tensor, uncond_out: torch.Tensor, scale: float, guidance_rescale: float = 0.0
+) -> torch.Tensor:
+    """Combine conditional and unconditional model outputs: ``uncond + scale * (cond - uncond)``.
+
+    With ``guidance_rescale > 0`` the guided output is rescaled per sample so its standard deviation
+    (over all non-batch dims) equals that of ``cond_out``, and mixed with the unrescaled one:
+    ``r * rescaled + (1 - r) * guided`` (diffusers' ``rescale_noise_cfg``).
+    """
+    guided = uncond_out + scale * (cond_out - uncond_out)
+    if guidance_rescale == 0:
+        return guided
+    dims = list(range(1, cond_out.ndim))
+    std_cond = cond_out.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    rescaled = guided * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided

@@ -1,0 +1,116 @@
+"""On-disk cache of VAE posterior moments (and frozen text-encoder outputs) for a training set.
+
+Encoding every image through the frozen autoencoder each epoch is wasted work; the moments are
+computed once, written as safetensors shards under ``cache_dir/<key>/`` and reused across epochs
+and runs. The key hashes everything that determines the result (the encoder's weights, the image
+files with their sizes and modification times, the image size), so a changed dataset or encoder
+gets a new cache instead of stale latents. Under DDP each rank encodes every ``world_size``-th
+image into its own shard; after a barrier every rank reads all shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: object, tensors: Iterable[torch.Tensor] = ()) -> str:
+    """A short stable hash of JSON-able ``parts`` and the bytes of ``tensors``."""
+    h = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode())
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def file_signature(root: Path, paths: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of each file: changes when a file is replaced or edited."""
+    out = []
+    for p in paths:
+        st = os.stat(root / p)
+        out.append((p, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def build_or_load_shards(
+    folder: Path,
+    num_items: int,
+    compute: Callable[[list[int]], dict[str, torch.Tensor]],
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None],
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Return tensors for items ``0..num_items-1`` (dim 0 indexed by item), computing missing shards.
+
+    ``compute(indices)`` returns a dict of tensors for those items. A complete shard set written
+    with any world size is reused as is.
+    """
+    existing = _complete_shard_set(folder)
+    if existing is None:
+        mine = list(range(rank, num_items, world_size))
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(mine), batch_size):
+            for k, v in compute(mine[start : start + batch_size]).items():
+                pieces.setdefault(k, []).append(v.cpu())
+        folder.mkdir(parents=True, exist_ok=True)
+        shard = {k: torch.cat(v) for k, v in pieces.items()}
+        shard["indices"] = torch.tensor(mine, dtype=torch.long)
+        tmp = folder / f".shard-{rank:05d}-of-{world_size:05d}.tmp"
+        save_file(shard, str(tmp))
+        tmp.rename(folder / f"shard-{rank:05d}-of-{world_size:05d}.safetensors")
+        log.info("rank %d cached %d items in %s", rank, len(mine), folder)
+        barrier()
+        existing = _complete_shard_set(folder)
+        if existing is None:
+            raise RuntimeError(f"cache {folder} is incomplete after every rank wrote its shard")
+    else:
+        log.info("reusing the cache in %s", folder)
+    merged: dict[str, torch.Tensor] = {}
+    for path in existing:
+        shard = load_file(str(path))
+        idx = shard.pop("indices")
+        for k, v in shard.items():
+            if k not in merged:
+                merged[k] = torch.empty((num_items, *v.shape[1:]), dtype=v.dtype)
+            merged[k][idx] = v
+    return merged
+
+
+def _complete_shard_set(folder: Path) -> list[Path] | None:
+    if not folder.is_dir():
+        return None
+    by_world: dict[int, list[Path]] = {}
+    for path in folder.glob("shard-*-of-*.safetensors"):
+        world = int(path.stem.split("-of-")[1])
+        by_world.setdefault(world, []).append(path)
+    for world, paths in sorted(by_world.items()):
+        if len(paths) == world:
+            return sorted(paths)
+    return None
+
+
+class CachedLatentDataset(Dataset):
+    """Wraps an image-caption dataset: items carry ``moments`` from the cache instead of ``image``."""
+
+    def __init__(self, dataset: Dataset, moments: torch.Tensor):
+        if len(dataset) != moments.shape[0]:
+            raise ValueError(f"cache holds {moments.shape[0]} items but the dataset has {len(dataset)}")
+        self.dataset = dataset
+        self.moments = moments
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        caption = self.dataset.caption(index)  # no image decode: the latents are cached
+        return {"moments": self.moments[index], "text": caption, "index": index}

@@ -1,0 +1,306 @@
+"""``LatentDiffusion``: the LightningModule that trains a text-conditional UNet in a frozen VAE's latent space."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.diffusion import NoiseSchedule, loss_weights, normalize_prediction_type, offset_noise, training_target
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.image_logging import log_image_grid
+from ldm.models.latent_cache import CachedLatentDataset, build_or_load_shards, file_signature, fingerprint
+from ldm.models.pretrained import write_model_folder
+from ldm.models.sampling import sample_latents
+from ldm.nn.distributions import DiagonalGaussianDistribution
+from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.unet import UNetModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VAL_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+
+
+def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG)."""
+    if probability <= 0:
+        return prompts
+    drop = torch.rand(len(prompts), generator=generator, device=generator.device) < probability
+    return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Text-conditional latent diffusion: frozen autoencoder + CLIP text encoder + UNet + noise schedule.
+
+    Args:
+        autoencoder: Folder written by ``AutoencoderKL.save_pretrained`` (frozen; its scaling factor is used).
+        unet: Keyword arguments of :class:`ldm.nn.unet.UNetModel` (``context_dim`` is filled in from the
+            text encoder when left out).
+        text_encoder: A pretrained CLIP text model to load with ``from_pretrained`` (a hub name such as
+            ``openai/clip-vit-large-patch14`` where the network allows, or a local folder). When None,
+            a small CLIP text model is built from ``text_encoder_config`` with the tokenizer in ``tokenizer``.
+        tokenizer: Tokenizer folder for the small CLIP built when ``text_encoder`` is None
+            (``ldm data tokenizer`` writes one).
+        text_encoder_config: Size of that small CLIP: ``hidden_size``, ``num_layers``, ``num_heads``.
+        text_encoder_layer: ``last`` or ``penultimate`` hidden layer as the context (SD 2.x: penultimate).
+        train_text_encoder: Train the text encoder jointly (needed for the small one); frozen otherwise.
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        schedule: Noise schedule kind: ``linear``, ``scaled_linear`` (SD) or ``cosine``.
+        num_timesteps: Training timesteps.
+        beta_start: First beta of the linear/scaled_linear schedule.
+        beta_end: Last beta of the linear/scaled_linear schedule.
+        zero_terminal_snr: Rescale the schedule to zero SNR at the last timestep (pair with v_prediction).
+        loss_weighting: ``uniform`` or ``min_snr``.
+        snr_gamma: Gamma of min-SNR weighting.
+        noise_offset: Offset-noise strength (0 disables).
+        cond_dropout: Probability of replacing a caption with the empty prompt (enables CFG).
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        warmup_steps: Linear learning-rate warm-up steps.
+        scale_lr: Multiply ``learning_rate`` by global batch size / ``base_batch_size``.
+        base_batch_size: Reference batch size for ``scale_lr``.
+        cache_dir: Where to cache VAE latents (and frozen text embeddings); None encodes every step.
+        val_prompts: Prompts sampled at each validation (image grid in the logs).
+        val_steps: Sampler steps for validation samples.
+        val_guidance: Guidance scale for validation samples.
+        val_sampler: Sampler for validation samples (``dpmpp_2m`` or ``ddim``).
+        val_images_per_prompt: Samples per validation prompt.
+        seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
+            so a resumed run draws exactly what an uninterrupted one would).
+    """
+
+    def __init__(
+        self,
+        autoencoder: str,
+        unet: dict[str, Any],
+        text_encoder: str | None = None,
+        tokenizer: str | None = None,
+        text_encoder_config: dict[str, int] | None = None,
+        text_encoder_layer: str = "last",
+        train_text_encoder: bool = False,
+        prediction_type: str = "epsilon",
+        schedule: str = "scaled_linear",
+        num_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        zero_terminal_snr: bool = False,
+        loss_weighting: str = "uniform",
+        snr_gamma: float = 5.0,
+        noise_offset: float = 0.0,
+        cond_dropout: float = 0.1,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scale_lr: bool = False,
+        base_batch_size: int = 256,
+        cache_dir: str | None = None,
+        val_prompts: list[str] = DEFAULT_VAL_PROMPTS,  # noqa: B006
+        val_steps: int = 20,
+        val_guidance: float = 5.0,
+        val_sampler: str = "dpmpp_2m",
+        val_images_per_prompt: int = 1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if loss_weighting not in ("uniform", "min_snr"):
+            raise ValueError(f"loss_weighting={loss_weighting!r}; use 'uniform' or 'min_snr'")
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1]")
+        self.prediction_type = normalize_prediction_type(prediction_type)
+
+        vae = AutoencoderKL.from_pretrained(autoencoder, disc_weight=0.0)
+        self.autoencoder = vae.vae.eval().requires_grad_(False)
+        self.register_buffer("scaling_factor", vae.scaling_factor.clone())
+
+        if text_encoder is not None:
+            self.text_encoder = TextEncoder.from_pretrained(text_encoder, layer=text_encoder_layer)
+        elif tokenizer is not None:
+            self.text_encoder = TextEncoder.from_config(tokenizer, layer=text_encoder_layer, **(text_encoder_config or {}))
+        else:
+            raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
+        if not train_text_encoder:
+            self.text_encoder.freeze()
+
+        unet_args = {"context_dim": self.text_encoder.hidden_size, "in_channels": self.autoencoder.latent_channels,
+                     "out_channels": self.autoencoder.latent_channels, **unet}
+        self.unet_config = unet_args
+        self.unet = UNetModel(**unet_args)
+        self.schedule = NoiseSchedule(schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr)
+        self._text_cache: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- conditioning
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> context (B, 77, D); uses the text-embedding cache when there is one."""
+        if self._text_cache is not None and all(p in self._text_cache for p in prompts):
+            return torch.stack([self._text_cache[p] for p in prompts]).to(self.device, self.dtype)
+        return self.text_encoder.encode(prompts)
+
+    def _step_generator(self, salt: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""
+        g = torch.Generator(device=self.device)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        g.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 1_009 + rank * 7 + salt)
+        return g
+
+    def latents_from_batch(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents: sampled from cached moments, or encoded from images with the frozen VAE."""
+        if "moments" in batch:
+            posterior = DiagonalGaussianDistribution(batch["moments"].float())
+        else:
+            with torch.no_grad():
+                posterior = self.autoencoder.encode(batch["image"])
+        return posterior.sample(generator) * self.scaling_factor
+
+    # ----------------------------------------------------------------- training
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
+        x0 = self.latents_from_batch(batch, generator)
+        b = x0.shape[0]
+        context = self.encode_text(drop_captions(list(batch["text"]), dropout, generator))
+        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        if self.hparams.noise_offset > 0:
+            noise = offset_noise(noise, self.hparams.noise_offset, generator)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator, device=self.device)
+        alpha, sigma = self.schedule.alpha_sigma(t, x0.ndim, x0.dtype, self.device)
+        x_t = alpha * x0 + sigma * noise
+        output = self.unet(x_t, t, context)
+        target = training_target(self.prediction_type, x0, noise, alpha, sigma)
+        per_sample = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        snr = (alpha / sigma.clamp_min(1e-12)).pow(2).flatten()
+        weights = loss_weights(self.hparams.loss_weighting, snr, self.prediction_type, self.hparams.snr_gamma)
+        return (weights.to(per_sample) * per_sample).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, self._step_generator(), self.hparams.cond_dropout)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        loss = self.diffusion_loss(batch, g, 0.0)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["text"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.trainer.global_rank != 0 or not self.hparams.val_prompts:
+            return
+        prompts = [p for p in self.hparams.val_prompts for _ in range(self.hparams.val_images_per_prompt)]
+        images = self.generate(prompts, self.hparams.val_steps, self.hparams.val_guidance, self.hparams.val_sampler, self.hparams.seed)
+        nrow = math.ceil(len(prompts) / self.hparams.val_images_per_prompt)
+        log_image_grid(self, "samples", images, nrow=nrow if self.hparams.val_images_per_prompt > 1 else len(prompts))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], steps: int = 20, guidance: float = 5.0, sampler: str = "dpmpp_2m", seed: int = 0,
+                 latent_size: int | None = None) -> torch.Tensor:
+        """Sample one image per prompt; returns images in [-1, 1], (B, 3, H, W)."""
+        was_training = self.training
+        self.eval()
+        context = self.text_encoder.encode(prompts)
+        uncond = self.text_encoder.encode([""] * len(prompts))
+        size = latent_size or self._latent_size()
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        latents = sample_latents(self.unet, context, uncond, self.schedule, self.prediction_type,
+                                 (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g)
+        images = self.autoencoder.decode((latents / self.scaling_factor).float()).clamp(-1, 1)
+        self.train(was_training)
+        return images
+
+    def _latent_size(self) -> int:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        image_size = getattr(dm, "image_size", 32)
+        return image_size // self.autoencoder.downsampling_factor
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        lr = self.hparams.learning_rate
+        if self.hparams.scale_lr:
+            dm = self.trainer.datamodule
+            global_batch = dm.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+            lr = lr * global_batch / self.hparams.base_batch_size
+        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(self.hparams.adam_betas), weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The data order and per-image caption choice draw from the global RNG; keep it so a resumed
+        # run continues with the same batches (our own noise uses per-step generators).
+        checkpoint["ldm_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ldm_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["ldm_rng_state"])
+
+    # ----------------------------------------------------------------- cache
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.hparams.cache_dir is None or self._trainer is None:
+            return
+        dm = self.trainer.datamodule
+        if dm is None or getattr(dm, "train_dataset", None) is None:
+            return
+        if getattr(dm, "crop", "center") != "center" or getattr(dm, "random_flip", False):
+            log.warning("latent cache disabled: random crops/flips change the image every epoch")
+            return
+        dataset = dm.train_dataset
+        strategy = self.trainer.strategy
+        key = fingerprint(
+            "latents", dm.image_size, file_signature(dataset.root, [r.path for r in dataset.records]),
+            tensors=list(self.autoencoder.encoder.state_dict().values()) + list(self.autoencoder.quant_conv.state_dict().values()),
+        )
+        device = strategy.root_device
+
+        def encode(indices: list[int]) -> dict[str, torch.Tensor]:
+            images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
+            self.autoencoder.to(device)
+            with torch.no_grad():
+                return {"moments": self.autoencoder.encode(images).moments.float()}
+
+        cached = build_or_load_shards(Path(self.hparams.cache_dir) / f"latents-{key}", len(dataset), encode,
+                                      strategy.global_rank, strategy.world_size, lambda: strategy.barrier("ldm_latent_cache"))
+        dm.train_dataset = CachedLatentDataset(dataset, cached["moments"])
+        if not self.hparams.train_text_encoder:
+            self._cache_text(dataset, strategy)
+
+    def _cache_text(self, dataset, strategy) -> None:
+        captions = sorted({c for r in dataset.records for c in r.captions} | {""})
+        te = self.text_encoder
+        key = fingerprint("text", captions, te.layer, tensors=list(te.state_dict().values()))
+        device = strategy.root_device
+
+        def encode(indices: list[int]) -> dict[str, torch.Tensor]:
+            te.to(device)
+            with torch.no_grad():
+                return {"context": te.encode([captions[i] for i in indices]).float()}
+
+        cached = build_or_load_shards(Path(self.hparams.cache_dir) / f"text-{key}", len(captions), encode,
+                                      strategy.global_rank, strategy.world_size, lambda: strategy.barrier("ldm_text_cache"))
+        self._text_cache = dict(zip(captions, cached["context"]))
+
+    # ----------------------------------------------------------------- export
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a folder a pipeline loads: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+        ``scheduler/`` and ``model_index.json`` (all safetensors/JSON). After ``fit`` with the EMA
+        callback, the module holds the EMA weights, so those are what is written."""
+        folder = Path(path)
+        write_model_folder(folder / "unet", {"_class_name": "UNetModel", **self.unet_config}, {"model.safetensors": self.unet.state_dict()})
+        vae_args = json.loads((Path(self.hparams.autoencoder) / "config.json").read_text())
+        vae_args.update(scaling_factor=float(self.scaling_factor), disc_weight=0.0)
+        write_model_folder(folder / "vae", vae_args, {"model.safetensors": self.autoencoder.state_dict()})
+        self.text_encoder.save_pretrained(folder)
+        scheduler = {"_class_name": "NoiseSchedule", **self.schedule.to_config(), "prediction_type": self.prediction_type}
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        index = {"_class_name": "LatentDiffusionPipeline", "_ldm_version": 1, "unet": "unet", "vae": "vae",
+                 "text_encoder": "text_encoder", "tokenizer": "tokenizer", "scheduler": "scheduler",
+                 "text_encoder_layer": self.hparams.text_encoder_layer}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return folder

@@ -1,0 +1,55 @@
+"""Text-to-latent sampling with classifier-free guidance, shared by validation, the demo and the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ldm.diffusion import SAMPLERS, NoiseSchedule, classifier_free_guidance, sampling_timesteps
+
+
+def guided_denoiser(
+    unet: nn.Module, context: torch.Tensor, uncond_context: torch.Tensor | None, guidance_scale: float, guidance_rescale: float = 0.0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A denoiser ``(x_t, t) -> model output`` that applies CFG with one batched UNet call."""
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if uncond_context is None or guidance_scale == 1.0:
+            return unet(x, t, context)
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]))
+        cond, uncond = out.chunk(2)
+        return classifier_free_guidance(cond, uncond, guidance_scale, guidance_rescale)
+
+    return denoise
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: nn.Module,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor | None,
+    schedule: NoiseSchedule,
+    prediction_type: str,
+    latent_shape: tuple[int, int, int],
+    num_steps: int = 20,
+    guidance_scale: float = 5.0,
+    sampler: str = "dpmpp_2m",
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    spacing: str = "leading",
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Sample one latent per row of ``context`` (B, L, D); returns (B, *latent_shape) latents (scaled)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}; choose one of {sorted(SAMPLERS)}")
+    device, dtype = context.device, context.dtype
+    if noise is None:
+        noise = torch.randn((context.shape[0], *latent_shape), generator=generator, device=device, dtype=dtype)
+    # diffusers lays out DPM-Solver timesteps differently from DDIM's for the same spacing; follow it.
+    convention = "dpmsolver" if sampler == "dpmpp_2m" else "ddim"
+    timesteps = sampling_timesteps(schedule, num_steps, spacing, convention=convention).to(device)
+    denoiser = guided_denoiser(unet, context, uncond_context, guidance_scale)
+    kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {}
+    return SAMPLERS[sampler](denoiser, noise, schedule, timesteps, prediction_type=prediction_type, **kwargs)
