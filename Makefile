@@ -1,5 +1,6 @@
 # Set-up and the two main jobs. Every target creates .venv and installs what it needs.
-#   make demo   train the autoencoder on the bundled digits and write a reconstruction grid
+#   make demo   train the autoencoder and the text-to-image model on the bundled digits,
+#               write outputs/demo_samples.png and export checkpoints/demo/
 #   make test   run the test suite
 # Elsewhere, pick the torch build for your machine: make demo TORCH="torch torchvision"
 PYTHON ?= python3
@@ -23,9 +24,12 @@ demo: $(STAMP)
 	$(BIN)/ldm data prepare digits --out data/digits
 	$(BIN)/ldm fit --config configs/autoencoder/digits.yaml
 	$(BIN)/ldm reconstruct --model checkpoints/digits-vae --data data/digits --out outputs/digits_vae_reconstructions.png
+	$(BIN)/ldm data tokenizer digits --out checkpoints/digits-tokenizer
+	$(BIN)/ldm fit --config configs/diffusion/digits.yaml
+	$(BIN)/ldm evaluate digits --model checkpoints/demo --steps 20 --guidance 5 --out outputs/demo_samples.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf logs outputs lightning_logs checkpoints/digits-vae
+	rm -rf logs outputs lightning_logs checkpoints/digits-vae checkpoints/digits-tokenizer checkpoints/demo data/cache

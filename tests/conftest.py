@@ -54,7 +54,7 @@ def make_ldm_assets(root: Path) -> dict[str, Path]:
     vae.scaling_factor.fill_(0.5)
     vae.save_pretrained(root / "vae")
     captions = [f"image {i}" for i in range(24)] + [f"picture {i}" for i in range(24)]
-    tokenizer = train_clip_tokenizer(captions, root / "tokenizer", vocab_size=300)
+    tokenizer = train_clip_tokenizer(captions, root / "tokenizer", vocab_size=600)
     return {"data": data, "vae": root / "vae", "tokenizer": Path(tokenizer)}
 
 
@@ -75,3 +75,28 @@ def tiny_ldm_kwargs(assets: dict[str, Path], **overrides) -> dict:
 @pytest.fixture
 def ldm_assets(tmp_path: Path) -> dict[str, Path]:
     return make_ldm_assets(tmp_path / "assets")
+
+
+def run_ddp_script(script: Path, out: Path, timeout: float = 240) -> None:
+    """Run a 2-process DDP training script in a subprocess (Lightning's DDP launcher re-executes its
+    command line for rank 1, which pytest's cannot be). Fails the test with the output on error or hang."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port, so concurrent DDP runs on this machine do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    # Its own session, so a hung rank can be killed with its launcher.
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail("DDP run hung:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-5000:]

@@ -209,7 +209,8 @@ class LatentDiffusion(pl.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(seed)
         latents = sample_latents(self.unet, context, uncond, self.schedule, self.prediction_type,
                                  (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g)
-        images = self.autoencoder.decode((latents / self.scaling_factor).float()).clamp(-1, 1)
+        with torch.autocast(self.device.type, enabled=False):  # VAE decode stays in fp32 under mixed precision
+            images = self.autoencoder.decode((latents / self.scaling_factor).float()).clamp(-1, 1)
         self.train(was_training)
         return images
 

@@ -102,3 +102,11 @@ def test_same_captions_give_identical_files(tokenizer_dir: Path, tmp_path: Path)
         assert (tokenizer_dir / name).read_bytes() == (again / name).read_bytes(), name
     other = train_clip_tokenizer(CAPTIONS[:20], tmp_path / "other", vocab_size=800)
     assert (other / "merges.txt").read_bytes() != (tokenizer_dir / "merges.txt").read_bytes()
+
+
+def test_equally_frequent_pairs_merge_in_a_fixed_order(tmp_path: Path):
+    # ("c", "d</w>") and ("a", "b</w>") both occur twice: the tie is broken by sorting, not by hash order.
+    out = train_clip_tokenizer(["cd ab", "ab cd"], tmp_path, vocab_size=NUM_BASE_TOKENS + 2)
+    assert (out / "merges.txt").read_text().splitlines()[1:] == ["a b</w>", "c d</w>"]
+    ids = CLIPTokenizer.from_pretrained(out)("ab cd")["input_ids"]
+    assert len(ids) == 4
