@@ -34,6 +34,7 @@ class LatentDiffusionPipeline:
                  prediction_type: str, scaling_factor: float):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, scaling_factor
+        self.sample_size = 8 * vae.downsampling_factor  # default image size; from_pretrained reads the trained one
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "LatentDiffusionPipeline":
@@ -55,6 +56,7 @@ class LatentDiffusionPipeline:
         prediction_type = sched.pop("prediction_type", "epsilon")
         sched.pop("_class_name", None)
         pipe = cls(unet, vae, text_encoder, NoiseSchedule.from_config(sched), prediction_type, float(vae_config.get("scaling_factor", 1.0)))
+        pipe.sample_size = int(index.get("sample_size", 8 * vae.downsampling_factor))
         return pipe.to(device) if device is not None else pipe
 
     def to(self, device: str | torch.device) -> "LatentDiffusionPipeline":
@@ -81,7 +83,7 @@ class LatentDiffusionPipeline:
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         factor = self.vae.downsampling_factor
-        h, w = height or 8 * factor, width or height or 8 * factor
+        h, w = height or self.sample_size, width or height or self.sample_size
         if h % factor or w % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {h}x{w}")
         shape = (self.vae.latent_channels, h // factor, w // factor)

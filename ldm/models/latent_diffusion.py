@@ -302,6 +302,7 @@ class LatentDiffusion(pl.LightningModule):
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         index = {"_class_name": "LatentDiffusionPipeline", "_ldm_version": 1, "unet": "unet", "vae": "vae",
                  "text_encoder": "text_encoder", "tokenizer": "tokenizer", "scheduler": "scheduler",
-                 "text_encoder_layer": self.hparams.text_encoder_layer}
+                 "text_encoder_layer": self.hparams.text_encoder_layer,
+                 "sample_size": self._latent_size() * self.autoencoder.downsampling_factor}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return folder
