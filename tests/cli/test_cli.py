@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ldm.cli import main
@@ -59,7 +60,14 @@ def test_fit_from_yaml_then_reconstruct(tmp_path, tiny_dataset, tiny_vae_kwargs,
     main(["fit", "--config", str(config)])
     model = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert model.hparams.ch == tiny_vae_kwargs["ch"] and float(model.scaling_factor) != 1.0
-    assert (tmp_path / "logs" / "autoencoder-digits" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    last = tmp_path / "logs" / "autoencoder-digits" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    step_after_first = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+
+    # A crashed or finished run continues from its last checkpoint with `--ckpt_path last`.
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] > step_after_first
 
     main(["reconstruct", "--model", str(tmp_path / "vae"), "--data", str(tiny_dataset), "--out", str(tmp_path / "grid.png")])
     out = capsys.readouterr().out
