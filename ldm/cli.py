@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -115,6 +116,66 @@ def _reconstruct_main(args: list[str]) -> None:
     print(f"Wrote the reconstruction grid (top: originals, bottom: reconstructions) to {ns.out}")
 
 
+def _generate_main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ldm generate", description="Generate images from a text prompt (text-to-image, img2img, inpainting).")
+    parser.add_argument("prompt", help="the text prompt (\"\" for unconditional)")
+    parser.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo) or a LatentDiffusion .ckpt")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler, euler_a or heun")
+    parser.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, heun, dpmpp_2m)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i); random if omitted")
+    parser.add_argument("--num-images", type=int, default=1, help="images to generate")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's training size)")
+    parser.add_argument("--width", type=int, default=None, help="image width")
+    parser.add_argument("--init-image", default=None, help="img2img / inpainting: the starting image")
+    parser.add_argument("--strength", type=float, default=None, help="img2img: how much to change the init image, in (0, 1]")
+    parser.add_argument("--mask", default=None, help="inpainting: white = repaint, black = keep (same size as --init-image)")
+    parser.add_argument("--out", default="outputs", help="output folder")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    ns = parser.parse_args(args)
+
+    import torch
+    from PIL import Image
+
+    from ldm.data.images import load_rgb
+    from ldm.image_io import save_png_with_metadata
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    if ns.mask and not ns.init_image:
+        parser.error("--mask needs --init-image")
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = LatentDiffusionPipeline.from_pretrained(ns.model, device=device)
+    common = dict(negative_prompt=ns.negative_prompt, num_inference_steps=ns.steps, guidance_scale=ns.guidance, sampler=ns.sampler,
+                  num_images_per_prompt=ns.num_images, seed=ns.seed, karras_sigmas=ns.karras)
+    mode = "txt2img"
+    if ns.init_image:
+        init = load_rgb(ns.init_image)
+        if ns.mask:
+            mode = "inpaint"
+            out = pipe.inpaint(ns.prompt, init, Image.open(ns.mask), strength=ns.strength or 1.0, **common)
+        else:
+            mode = "img2img"
+            out = pipe.img2img(ns.prompt, init, strength=ns.strength or 0.8, **common)
+    else:
+        out = pipe(ns.prompt, height=ns.height, width=ns.width, **common)
+    for image, seed in zip(out.images, out.seeds):
+        meta = {"prompt": ns.prompt, "negative_prompt": ns.negative_prompt or "", "seed": seed, "steps": ns.steps,
+                "sampler": ns.sampler + (" karras" if ns.karras else ""), "guidance": ns.guidance, "mode": mode,
+                "size": f"{image.width}x{image.height}", "model": ns.model}
+        if mode != "txt2img":
+            meta["strength"] = ns.strength or (1.0 if mode == "inpaint" else 0.8)
+        path = save_png_with_metadata(image, Path(ns.out) / f"{_slug(ns.prompt)}-{seed}.png", meta)
+        print(path)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return (re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unconditional")[:60]
+
+
 def _evaluate_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ldm evaluate", description="Evaluate an exported text-to-image model.")
     sub = parser.add_subparsers(dest="task", required=True)
@@ -147,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "data":
         _data_main(args[1:])
+    elif args and args[0] == "generate":
+        _generate_main(args[1:])
     elif args and args[0] == "evaluate":
         _evaluate_main(args[1:])
     elif args and args[0] == "reconstruct":
@@ -159,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "       ldm data prepare {digits,shapes} --out DIR             write a bundled dataset\n"
             "       ldm data tokenizer ROOT --out DIR                      train a CLIP-style tokenizer on captions\n"
             "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid\n"
+            "       ldm generate PROMPT --model DIR [--steps 25 --seed 0]  text-to-image (img2img/inpainting: --init-image, --mask)\n"
             "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )

@@ -1,99 +1,313 @@
-"""``LatentDiffusionPipeline``: load an exported model folder and generate images from text."""
+"""``LatentDiffusionPipeline``: text-to-image, img2img and inpainting from an exported model or a checkpoint.
+
+    pipe = LatentDiffusionPipeline.from_pretrained("checkpoints/demo")
+    out = pipe("a handwritten digit 7", num_inference_steps=25, guidance_scale=5, seed=0)
+    out.images[0].save("seven.png")
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from PIL import Image
+from tqdm.auto import tqdm
 
-from ldm.diffusion import NoiseSchedule
-from ldm.models.pretrained import load_weights, read_model_folder
-from ldm.models.sampling import sample_latents
+from ldm.diffusion import SAMPLERS, NoiseSchedule, noise_to_step, sample
+from ldm.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
+from ldm.models.pretrained import load_weights, read_model_folder, write_pipeline_folder
+from ldm.models.sampling import guided_denoiser
+from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
+from ldm.pipeline_memory import tiled_decode
 
 _VAE_ARGS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "dropout", "mid_attention", "norm_groups")
+# Samplers that draw fresh noise at every step: for these, images of a batch are sampled one by one so
+# that each image depends only on its own seed.
+_STOCHASTIC = ("ddpm", "euler_a")
 
 
 @dataclass
 class PipelineOutput:
-    """Generated images and the seed of each."""
+    """Generated images (PIL list, numpy array or tensor, per ``output_type``) and the seed of each."""
 
-    images: list[Image.Image] | torch.Tensor
+    images: Any
     seeds: list[int]
 
 
 class LatentDiffusionPipeline:
-    """Text-to-image generation with a UNet, a KL autoencoder and a CLIP text encoder."""
+    """UNet + KL autoencoder + CLIP text encoder + noise schedule, with the diffusers-style call signature."""
 
     def __init__(self, unet: UNetModel, vae: KLAutoencoder, text_encoder: TextEncoder, schedule: NoiseSchedule,
-                 prediction_type: str, scaling_factor: float):
+                 prediction_type: str, scaling_factor: float, sample_size: int | None = None,
+                 unet_config: dict | None = None, vae_config: dict | None = None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
-        self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, scaling_factor
-        self.sample_size = 8 * vae.downsampling_factor  # default image size; from_pretrained reads the trained one
+        self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, float(scaling_factor)
+        self.sample_size = sample_size or 64 * vae.downsampling_factor
+        self.unet_config, self.vae_config = unet_config or {}, vae_config or {}
+        self.vae_slicing = False
+        self.vae_tile_size: int | None = None
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        use_ema: bool = True) -> "LatentDiffusionPipeline":
+        """Load an exported folder (``model_index.json`` at its top) or a Lightning ``.ckpt`` of ``LatentDiffusion``
+        (its EMA weights unless ``use_ema=False``)."""
+        path = Path(path)
+        if path.is_file() and path.suffix == ".ckpt":
+            pipe = cls._from_lightning_checkpoint(path, use_ema)
+        elif (path / "model_index.json").is_file():
+            pipe = cls._from_folder(path)
+        else:
+            raise FileNotFoundError(
+                f"{path} is neither a model folder with model_index.json (written by ldm's export) nor a Lightning "
+                ".ckpt of LatentDiffusion; pass e.g. checkpoints/demo or logs/.../last.ckpt"
+            )
+        return pipe.to(device, dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "LatentDiffusionPipeline":
-        """Load a folder written by ``LatentDiffusion.save_pretrained`` (``model_index.json`` at its top)."""
-        folder = Path(path)
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder} has no model_index.json: pass a folder exported by ldm (e.g. checkpoints/demo)")
+    def _from_folder(cls, folder: Path) -> "LatentDiffusionPipeline":
         index = json.loads((folder / "model_index.json").read_text())
         unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
         unet_config.pop("_class_name")
         unet = UNetModel(**unet_config)
         unet.load_state_dict(load_weights(folder / "unet", "model.safetensors"))
         vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
-        vae = KLAutoencoder(**{k: vae_config[k] for k in _VAE_ARGS if k in vae_config}, out_channels=vae_config.get("in_channels", 3),
-                            embed_dim=vae_config.get("z_channels", 4))
+        vae = _build_vae(vae_config)
         vae.load_state_dict(load_weights(folder / "vae", "model.safetensors"))
-        text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer", "last"))
+        text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer"))
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         prediction_type = sched.pop("prediction_type", "epsilon")
         sched.pop("_class_name", None)
-        pipe = cls(unet, vae, text_encoder, NoiseSchedule.from_config(sched), prediction_type, float(vae_config.get("scaling_factor", 1.0)))
-        pipe.sample_size = int(index.get("sample_size", 8 * vae.downsampling_factor))
-        return pipe.to(device) if device is not None else pipe
+        return cls(unet, vae, text_encoder, NoiseSchedule.from_config(sched), prediction_type,
+                   vae_config.get("scaling_factor", 1.0), index.get("sample_size"), unet_config, vae_config)
 
-    def to(self, device: str | torch.device) -> "LatentDiffusionPipeline":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+    @classmethod
+    def _from_lightning_checkpoint(cls, path: Path, use_ema: bool) -> "LatentDiffusionPipeline":
+        from ldm.models.latent_diffusion import LatentDiffusion
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        if "unet" not in hparams or "autoencoder" not in hparams:
+            raise ValueError(f"{path} is not a LatentDiffusion checkpoint (no unet/autoencoder hyper-parameters)")
+        model = LatentDiffusion(**hparams)
+        state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+        model.load_state_dict(state)
+        image_size = ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
+        vae_config = json.loads((Path(hparams["autoencoder"]) / "config.json").read_text())
+        vae_config["scaling_factor"] = float(model.scaling_factor)
+        return cls(model.unet, model.autoencoder, model.text_encoder, model.schedule, model.prediction_type,
+                   float(model.scaling_factor), image_size, model.unet_config, vae_config)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the folder format ``from_pretrained`` reads (safetensors and JSON)."""
+        vae_config = {**self.vae_config, "scaling_factor": self.scaling_factor, "disc_weight": 0.0}
+        return write_pipeline_folder(path, self.unet_config, self.unet.state_dict(), vae_config, self.vae.state_dict(),
+                                     self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+        """Move to ``device``; ``dtype`` applies to the UNet and text encoder (the VAE stays fp32 for a clean decode)."""
+        for module in (self.unet, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self.vae.to(device=device)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ------------------------------------------------------------------ memory
+    def enable_attention_slicing(self, chunk_size: int | None = 1024) -> None:
+        """Compute attention over at most ``chunk_size`` query positions at a time (None turns it off)."""
+        for module in self.unet.modules():
+            if isinstance(module, CrossAttention):
+                module.query_chunk_size = chunk_size
+
+    def enable_vae_slicing(self, enabled: bool = True) -> None:
+        """Decode a batch one image at a time."""
+        self.vae_slicing = enabled
+
+    def enable_vae_tiling(self, tile_size: int | None = 32) -> None:
+        """Decode large latents in overlapping ``tile_size`` latent tiles, blended (None turns it off)."""
+        self.vae_tile_size = tile_size
+
+    # ------------------------------------------------------------------ generation
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, num_inference_steps: int = 25,
+                 guidance_scale: float = 5.0, sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, seed: int | list[int] | None = None, generator: torch.Generator | None = None,
+                 eta: float = 0.0, guidance_rescale: float = 0.0, output_type: str = "pil", progress: bool = True,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None, karras_sigmas: bool = False,
+                 timestep_spacing: str = "leading") -> PipelineOutput:
+        """Text to image. ``seed``: an int (image i gets seed + i) or one per image; returns images and seeds."""
+        args = {k: v for k, v in locals().items() if k != "self"}
+        args["height"], args["width"] = self._check_size(height, width)
+        return self._run(**args)
+
+    def img2img(self, prompt: str | list[str], image, strength: float = 0.8, **kwargs) -> PipelineOutput:
+        """Noise the encoded ``image`` to the step that ``strength`` selects (1 = pure noise) and denoise from there."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        init = image_to_tensor(image, "image")
+        h, w = self._check_size(init.shape[-2], init.shape[-1])
+        return self._run(prompt=prompt, height=h, width=w, init_image=init, strength=strength, **kwargs)
+
+    def inpaint(self, prompt: str | list[str], image, mask, strength: float = 1.0, paste_unmasked: bool = True, **kwargs) -> PipelineOutput:
+        """Repaint where ``mask`` is white (1) and keep the rest: the known latents are re-imposed at every step.
+        With ``paste_unmasked`` the original pixels are pasted back outside the mask after decoding."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        init, m = image_to_tensor(image, "image"), mask_to_tensor(mask)
+        if m.shape[-2:] != init.shape[-2:]:
+            raise ValueError(f"mask is {m.shape[-1]}x{m.shape[-2]} but image is {init.shape[-1]}x{init.shape[-2]}; they must match")
+        h, w = self._check_size(init.shape[-2], init.shape[-1])
+        return self._run(prompt=prompt, height=h, width=w, init_image=init, strength=strength, mask=m,
+                         paste_unmasked=paste_unmasked, **kwargs)
+
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        f = self.vae.downsampling_factor
+        h = height or self.sample_size
+        w = width or self.sample_size
+        if h % f or w % f or h <= 0 or w <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f} (the autoencoder's factor), got {h}x{w}")
+        return h, w
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 5.0,
-                 sampler: str = "dpmpp_2m", seed: int | list[int] | None = None, height: int | None = None,
-                 width: int | None = None, output_type: str = "pil") -> PipelineOutput:
-        """Generate one image per prompt; ``seed`` an int (seed, seed+1, ...) or one per prompt."""
+    def _run(self, prompt, negative_prompt=None, num_inference_steps=25, guidance_scale=5.0, sampler="dpmpp_2m", height=None,
+             width=None, num_images_per_prompt=1, seed=None, generator=None, eta=0.0, guidance_rescale=0.0, output_type="pil",
+             progress=True, callback=None, karras_sigmas=False, timestep_spacing="leading", init_image=None, strength=1.0,
+             mask=None, paste_unmasked=True) -> PipelineOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if seed is None:
-            seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
-        elif isinstance(seed, int):
-            seeds = [seed + i for i in range(len(prompts))]
-        else:
-            seeds = list(seed)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        factor = self.vae.downsampling_factor
-        h, w = height or self.sample_size, width or height or self.sample_size
-        if h % factor or w % factor:
-            raise ValueError(f"height and width must be multiples of {factor}, got {h}x{w}")
-        shape = (self.vae.latent_channels, h // factor, w // factor)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
-        context = self.text_encoder.encode(prompts)
-        uncond = self.text_encoder.encode([""] * len(prompts))
-        latents = sample_latents(self.unet, context, uncond, self.schedule, self.prediction_type, shape,
-                                 num_inference_steps, guidance_scale, sampler, noise=noise)
-        images = self.vae.decode(latents / self.scaling_factor).clamp(-1, 1)
-        if output_type == "pt":
-            return PipelineOutput(images.cpu(), seeds)
-        arrays = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return PipelineOutput([Image.fromarray(a) for a in arrays], seeds)
+        if not prompts:
+            raise ValueError("prompt is empty: give a string (\"\" for unconditional) or a non-empty list")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if output_type not in (*OUTPUT_TYPES, "latent"):
+            raise ValueError(f"output_type must be one of {(*OUTPUT_TYPES, 'latent')}, got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        negatives = _expand_negative(negative_prompt, len(prompts))
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        seeds = _seeds_for(seed, len(prompts), generator)
+
+        f = self.vae.downsampling_factor
+        shape = (self.vae.latent_channels, height // f, width // f)
+        context = self.text_encoder.encode(prompts).to(self.dtype)
+        uncond = self.text_encoder.encode(negatives).to(self.dtype)
+        known = None
+        if init_image is not None:
+            init = init_image.to(self.device).expand(len(prompts), -1, -1, -1)
+            known = self.vae.encode(init).mode() * self.scaling_factor
+        latent_mask = mask_to_latent(mask.to(self.device), shape[1:]) if mask is not None else None
+        start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+
+        # Deterministic samplers run the batch at once; stochastic ones image by image (each on its own seed).
+        groups = [list(range(len(prompts)))] if sampler not in _STOCHASTIC and not (sampler == "ddim" and eta > 0) else [[i] for i in range(len(prompts))]
+        bar = tqdm(total=len(groups) * (num_inference_steps - start_step), disable=not progress, desc="sampling")
+        latents = []
+        for group in groups:
+            if generator is not None:
+                noise = torch.randn((len(group), *shape), generator=generator)
+                gen = generator
+            else:  # image i's noise comes from its own seed alone
+                gens = [torch.Generator().manual_seed(seeds[i]) for i in group]
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                # Stochastic samplers (one image per group) continue that image's stream; on another device,
+                # a generator there with a derived seed.
+                gen = gens[0] if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seeds[group[0]] + 1)
+            noise = noise.to(self.device, torch.float32)
+            sub_known = known[group] if known is not None else None
+            denoiser = self._denoiser(context[group], uncond[group], guidance_scale, guidance_rescale, sub_known, latent_mask, noise)
+
+            def step_callback(i, t, x, _cb=callback):
+                bar.update(1)
+                if _cb is not None:
+                    _cb(i, t, x)
+
+            if start_step >= num_inference_steps:  # strength so small that no step is left
+                z = sub_known
+            else:
+                x = noise if sub_known is None else noise_to_step(sampler, sub_known, noise, self.schedule, num_inference_steps,
+                                                                  start_step, timestep_spacing, karras_sigmas)
+                z = sample(sampler, denoiser, x, self.schedule, num_inference_steps, prediction_type=self.prediction_type,
+                           spacing=timestep_spacing, karras=karras_sigmas, eta=eta, generator=gen,
+                           callback=step_callback, start_step=start_step)
+            if latent_mask is not None:
+                z = latent_mask * z + (1 - latent_mask) * sub_known
+            latents.append(z)
+        bar.close()
+        if output_type == "latent":
+            return PipelineOutput(torch.cat(latents).cpu(), seeds)
+        images = self._decode(torch.cat(latents).float())
+        if mask is not None and paste_unmasked:
+            m = mask.to(images.device)
+            images = m * images + (1 - m) * init_image.to(images.device).clamp(-1, 1)
+        return PipelineOutput(tensor_to_output(images, output_type), seeds)
+
+    def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise):
+        guided = guided_denoiser(self.unet, context, uncond, scale, rescale)
+        if latent_mask is None:
+            return guided
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # Re-impose the known region, noised to this step, before every model call. Samplers in sigma
+            # space hand the denoiser the VP-scaled x_t, so the same blend applies to every sampler.
+            alpha, sigma = _alpha_sigma(self.schedule, t, x)
+            return guided(latent_mask * x + (1 - latent_mask) * (alpha * known + sigma * noise), t)
+
+        return denoise
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scaling_factor
+        parts = z.split(1) if self.vae_slicing else [z]
+        decode = (lambda p: tiled_decode(self.vae, p, self.vae_tile_size)) if self.vae_tile_size else self.vae.decode
+        return torch.cat([decode(p) for p in parts]).clamp(-1, 1)
+
+
+def _build_vae(config: dict) -> KLAutoencoder:
+    return KLAutoencoder(**{k: config[k] for k in _VAE_ARGS if k in config}, out_channels=config.get("in_channels", 3),
+                         embed_dim=config.get("z_channels", 4))
+
+
+def _expand_negative(negative_prompt: str | list[str] | None, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n
+    if len(negative_prompt) != n:
+        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but there are {n} prompts; give one per prompt or a single string")
+    return list(negative_prompt)
+
+
+def _seeds_for(seed: int | list[int] | None, n: int, generator: torch.Generator | None) -> list[int]:
+    if seed is None:
+        source = generator if generator is not None else None
+        return torch.randint(0, 2**31 - 1, (n,), generator=source).tolist()
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"seed has {len(seeds)} entries but {n} images are requested (prompts x num_images_per_prompt); give one seed per image or a single int")
+    return seeds
+
+
+def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) at (possibly fractional) timesteps, interpolated linearly."""
+    ac = schedule.alphas_cumprod.to(like.device)
+    tf = t.to(like.device, torch.float64).clamp(0, len(ac) - 1)
+    lo = tf.floor().long()
+    hi = (lo + 1).clamp(max=len(ac) - 1)
+    a = ac[lo] + (ac[hi] - ac[lo]) * (tf - lo)
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return a.sqrt().view(shape).to(like.dtype), (1 - a).sqrt().view(shape).to(like.dtype)

@@ -10,12 +10,16 @@ from ldm.diffusion.parameterization import (
     v_from_x0_eps,
     x0_from_output,
 )
-from ldm.diffusion.samplers import SAMPLERS, Denoiser, sample_ddim, sample_dpmpp_2m
+from ldm.diffusion.euler import sample_euler, sample_euler_ancestral, sample_heun
+from ldm.diffusion.samplers import Denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion.sampling import KARRAS_SAMPLERS, SAMPLERS, noise_to_step, sample, sampler_timesteps
+from ldm.diffusion.sigmas import karras_sigmas
 from ldm.diffusion.schedule import BETA_SCHEDULES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
 from ldm.diffusion.timesteps import TIMESTEP_CONVENTIONS, TIMESTEP_SPACINGS, sampling_timesteps
 
 __all__ = [
     "BETA_SCHEDULES",
+    "KARRAS_SAMPLERS",
     "LOSS_WEIGHTINGS",
     "PREDICTION_TYPES",
     "SAMPLERS",
@@ -25,13 +29,21 @@ __all__ = [
     "NoiseSchedule",
     "classifier_free_guidance",
     "eps_from_output",
+    "karras_sigmas",
     "loss_weights",
     "make_betas",
+    "noise_to_step",
     "normalize_prediction_type",
     "offset_noise",
     "rescale_zero_terminal_snr",
+    "sample",
     "sample_ddim",
+    "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sampler_timesteps",
     "sampling_timesteps",
     "training_target",
     "v_from_x0_eps",

@@ -2,7 +2,11 @@
 
 A *denoiser* is ``denoiser(x_t, t) -> model_output``: ``x_t`` the current sample, ``t`` a LongTensor of
 shape (B,) of training timesteps, and the raw network output for the sampler's ``prediction_type``.
-Guidance, conditioning and input scaling live inside the denoiser (a closure), not here.
+Guidance and conditioning live inside the denoiser (a closure), not here. (The sigma-space samplers of
+:mod:`ldm.diffusion.euler` pass float timesteps; see there.)
+
+All samplers take ``start_step`` (keyword): skip the first ``start_step`` steps of ``timesteps``, with ``x``
+then the sample noised to ``timesteps[start_step]`` (img2img; see :func:`ldm.diffusion.sampling.noise_to_step`).
 
 The update arithmetic runs in at least float32 (as diffusers does) and the sample keeps the input dtype.
 Step coefficients come from the float64 schedule.
@@ -17,15 +21,13 @@ import torch
 
 from ldm.diffusion.parameterization import eps_from_output, normalize_prediction_type, x0_from_output
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.sigmas import dpmsolver_sigmas
 from ldm.diffusion.timesteps import sampling_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
-__all__ = ["Denoiser", "SAMPLERS", "sample_ddim", "sample_dpmpp_2m", "sampling_timesteps"]
-
-# diffusers' floor for alphas_cumprod[-1] under zero terminal SNR in its DPM-Solver (keeps log-SNR finite).
-_DPM_MIN_ALPHA_CUMPROD = 2.0**-24
+__all__ = ["Denoiser", "StepCallback", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sampling_timesteps"]
 
 
 def _as_int_list(timesteps: torch.Tensor | Sequence[int]) -> list[int]:
@@ -39,6 +41,17 @@ def _as_int_list(timesteps: torch.Tensor | Sequence[int]) -> list[int]:
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _check_start(start_step: int, n: int) -> None:
+    if not 0 <= start_step < n:
+        raise ValueError(f"start_step must lie in [0, {n - 1}] for {n} timesteps, got {start_step}")
+
+
+def _randn_like_output(raw: torch.Tensor, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One ``torch.randn`` of the model output's shape and dtype, on the generator's device (as diffusers draws)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(raw.shape, generator=generator, device=gen_device, dtype=raw.dtype).to(device)
 
 
 def _call(denoiser: Denoiser, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -56,6 +69,8 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     final_alpha_cumprod: float = 1.0,
+    *,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) from ``x = x_T`` along descending ``timesteps``; returns the final sample.
 
@@ -73,9 +88,11 @@ def sample_ddim(
     """
     prediction_type = normalize_prediction_type(prediction_type)
     ts = _as_int_list(timesteps)
+    _check_start(start_step, len(ts))
     ac = schedule.alphas_cumprod
     out_dtype, work = x.dtype, _work_dtype(x)
-    for i, t in enumerate(ts):
+    for i in range(start_step, len(ts)):
+        t = ts[i]
         a_t = float(ac[t])
         a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else float(final_alpha_cumprod)
         alpha, sigma = math.sqrt(a_t), math.sqrt(1.0 - a_t)
@@ -87,9 +104,7 @@ def sample_ddim(
         std = eta * math.sqrt(max(variance, 0.0))
         xw = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - std**2, 0.0)) * eps
         if eta > 0:
-            device = generator.device if generator is not None else x.device
-            noise = torch.randn(raw.shape, generator=generator, device=device, dtype=raw.dtype)
-            xw = xw + std * noise.to(device=x.device, dtype=work)
+            xw = xw + std * _randn_like_output(raw, generator, x.device).to(work)
         x = xw.to(out_dtype)
         if callback is not None:
             callback(i, t, x)
@@ -105,6 +120,9 @@ def sample_dpmpp_2m(
     prediction_type: str = "epsilon",
     callback: StepCallback | None = None,
     lower_order_final: bool = True,
+    *,
+    use_karras_sigmas: bool = False,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, data prediction, midpoint form.
 
@@ -117,20 +135,25 @@ def sample_dpmpp_2m(
     has no effect here. For diffusers-identical timesteps use
     ``sampling_timesteps(..., convention="dpmsolver")``.
 
+    ``use_karras_sigmas`` (diffusers' ``use_karras_sigmas=True``): step through Karras et al. noise levels over the
+    whole training range instead; then only ``len(timesteps)`` matters, and the model sees the rounded timesteps
+    of those levels (:func:`ldm.diffusion.sigmas.dpmsolver_sigmas`).
+
     Under zero terminal SNR, ``alphas_cumprod == 0`` is floored at 2**-24 as diffusers does.
     ``callback(i, t, x)`` is called after each step with the new sample.
     """
     del lower_order_final  # see docstring: no effect with a zero final sigma and order 2
     prediction_type = normalize_prediction_type(prediction_type)
     ts = _as_int_list(timesteps)
-    ac = schedule.alphas_cumprod
-    ac = torch.where(ac > 0, ac, torch.full_like(ac, _DPM_MIN_ALPHA_CUMPROD))
-    alphas = [math.sqrt(float(ac[t])) for t in ts]
-    sigmas = [math.sqrt(1.0 - float(ac[t])) for t in ts]
-    lambdas = [math.log(a) - math.log(s) for a, s in zip(alphas, sigmas)]
+    _check_start(start_step, len(ts))
+    ts, ks = dpmsolver_sigmas(schedule, ts, use_karras_sigmas)  # ks: sigma-space levels sqrt((1 - ac) / ac)
+    alphas = [1.0 / math.sqrt(k * k + 1.0) for k in ks]
+    sigmas = [k * a for k, a in zip(ks, alphas)]
+    lambdas = [-math.log(k) for k in ks]  # log(alpha / sigma)
     out_dtype, work = x.dtype, _work_dtype(x)
     prev_x0: torch.Tensor | None = None
-    for i, t in enumerate(ts):
+    for i in range(start_step, len(ts)):
+        t = ts[i]
         output = _call(denoiser, x, t).to(work)
         xw = x.to(work)
         x0 = x0_from_output(prediction_type, output, xw, alphas[i], sigmas[i])
@@ -153,4 +176,49 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: torch.Tensor | Sequence[int],
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    *,
+    start_step: int = 0,
+) -> torch.Tensor:
+    """Ancestral DDPM (Ho et al. 2020) from ``x = x_T`` along descending ``timesteps``; returns the final sample.
+
+    Matches diffusers' ``DDPMScheduler(variance_type="fixed_small", clip_sample=False)``: each step draws
+    ``x_prev ~ N(mu(x_t, x0_hat), beta_tilde)`` with the posterior variance ``(1 - a_prev) / (1 - a_t) * beta``
+    (floored at 1e-20) for the step ``timesteps[i] -> timesteps[i + 1]`` (``beta = 1 - a_t / a_prev``), and the last
+    step goes to ``alphas_cumprod = 1``. Noise: one ``torch.randn`` of the model output's shape and dtype per step
+    whose timestep is > 0, from ``generator`` on its device, in diffusers' order. For diffusers' timesteps use
+    ``sampling_timesteps(..., convention="ddim")``. ``callback(i, t, x)`` is called after each step.
+    """
+    prediction_type = normalize_prediction_type(prediction_type)
+    ts = _as_int_list(timesteps)
+    _check_start(start_step, len(ts))
+    ac = schedule.alphas_cumprod
+    out_dtype, work = x.dtype, _work_dtype(x)
+    for i in range(start_step, len(ts)):
+        t = ts[i]
+        a_t = float(ac[t])
+        a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        step_alpha = a_t / a_prev
+        step_beta = 1.0 - step_alpha
+        raw = _call(denoiser, x, t)
+        output, xw = raw.to(work), x.to(work)
+        x0 = x0_from_output(prediction_type, output, xw, math.sqrt(a_t), math.sqrt(1.0 - a_t))
+        x0_coef = math.sqrt(a_prev) * step_beta / (1.0 - a_t)
+        xt_coef = math.sqrt(step_alpha) * (1.0 - a_prev) / (1.0 - a_t)
+        xw = x0_coef * x0 + xt_coef * xw
+        if t > 0:
+            variance = max((1.0 - a_prev) / (1.0 - a_t) * step_beta, 1e-20)
+            xw = xw + math.sqrt(variance) * _randn_like_output(raw, generator, x.device).to(work)
+        x = xw.to(out_dtype)
+        if callback is not None:
+            callback(i, t, x)
+    return x

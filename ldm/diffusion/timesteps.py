@@ -8,7 +8,7 @@ import torch
 from ldm.diffusion.schedule import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-TIMESTEP_CONVENTIONS = ("ddim", "dpmsolver")
+TIMESTEP_CONVENTIONS = ("ddim", "dpmsolver", "euler")
 
 
 def sampling_timesteps(
@@ -19,16 +19,18 @@ def sampling_timesteps(
     *,
     convention: str = "ddim",
 ) -> torch.Tensor:
-    """Descending int64 timesteps for ``num_steps`` sampling steps (Lin et al. 2023, Table 2 spacings).
+    """Descending timesteps for ``num_steps`` sampling steps (Lin et al. 2023, Table 2 spacings).
 
-    diffusers uses two conventions, chosen with ``convention``:
+    diffusers uses three conventions, chosen with ``convention``:
 
-    - ``"ddim"`` (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler): ``linspace`` spreads ``num_steps``
+    - ``"ddim"`` (DDIMScheduler, DDPMScheduler, PNDMScheduler), int64: ``linspace`` spreads ``num_steps``
       points over ``[0, T-1]`` (so it ends at 0); ``leading`` is ``arange(num_steps) * (T // num_steps)
       + steps_offset``; ``trailing`` is ``round(arange(T, 0, -T / num_steps)) - 1``.
     - ``"dpmsolver"`` (DPMSolverMultistepScheduler, UniPC): ``linspace`` and ``leading`` lay out
       ``num_steps + 1`` points and drop the 0, because the solver's last step goes to sigma = 0 on its
       own; ``trailing`` is as above.
+    - ``"euler"`` (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler), float32: as
+      ``"ddim"`` but ``linspace`` is not rounded, so its timesteps can be fractional (e.g. 957.375 for 25 steps).
 
     ``steps_offset`` (1 in Stable Diffusion's configs) only affects ``leading``, as in diffusers.
 
@@ -43,6 +45,8 @@ def sampling_timesteps(
     if convention not in TIMESTEP_CONVENTIONS:
         raise ValueError(f"Unknown timestep convention {convention!r}; choose one of {', '.join(TIMESTEP_CONVENTIONS)}")
 
+    if convention == "euler":
+        return _euler_timesteps(T, num_steps, spacing, steps_offset)
     if spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
     elif convention == "ddim":
@@ -57,3 +61,13 @@ def sampling_timesteps(
             ratio = T // (num_steps + 1)
             ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
     return torch.from_numpy(ts.copy())
+
+
+def _euler_timesteps(T: int, num_steps: int, spacing: str, steps_offset: int) -> torch.Tensor:
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1].astype(np.float32) + steps_offset
+    else:
+        ts = np.arange(T, 0, -T / num_steps).round().astype(np.float32) - 1
+    return torch.from_numpy(ts.astype(np.float32).copy())

@@ -17,7 +17,7 @@ from ldm.diffusion import NoiseSchedule, loss_weights, normalize_prediction_type
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.image_logging import log_image_grid
 from ldm.models.latent_cache import CachedLatentDataset, build_or_load_shards, file_signature, fingerprint
-from ldm.models.pretrained import write_model_folder
+from ldm.models.pretrained import write_pipeline_folder
 from ldm.models.sampling import sample_latents
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.text_encoder import TextEncoder
@@ -291,18 +291,9 @@ class LatentDiffusion(pl.LightningModule):
         """Write a folder a pipeline loads: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
         ``scheduler/`` and ``model_index.json`` (all safetensors/JSON). After ``fit`` with the EMA
         callback, the module holds the EMA weights, so those are what is written."""
-        folder = Path(path)
-        write_model_folder(folder / "unet", {"_class_name": "UNetModel", **self.unet_config}, {"model.safetensors": self.unet.state_dict()})
-        vae_args = json.loads((Path(self.hparams.autoencoder) / "config.json").read_text())
-        vae_args.update(scaling_factor=float(self.scaling_factor), disc_weight=0.0)
-        write_model_folder(folder / "vae", vae_args, {"model.safetensors": self.autoencoder.state_dict()})
-        self.text_encoder.save_pretrained(folder)
-        scheduler = {"_class_name": "NoiseSchedule", **self.schedule.to_config(), "prediction_type": self.prediction_type}
-        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-        index = {"_class_name": "LatentDiffusionPipeline", "_ldm_version": 1, "unet": "unet", "vae": "vae",
-                 "text_encoder": "text_encoder", "tokenizer": "tokenizer", "scheduler": "scheduler",
-                 "text_encoder_layer": self.hparams.text_encoder_layer,
-                 "sample_size": self._latent_size() * self.autoencoder.downsampling_factor}
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return folder
+        vae_config = json.loads((Path(self.hparams.autoencoder) / "config.json").read_text())
+        vae_config.update(scaling_factor=float(self.scaling_factor), disc_weight=0.0)
+        return write_pipeline_folder(
+            path, self.unet_config, self.unet.state_dict(), vae_config, self.autoencoder.state_dict(), self.text_encoder,
+            self.schedule.to_config(), self.prediction_type, self._latent_size() * self.autoencoder.downsampling_factor,
+        )

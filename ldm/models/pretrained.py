@@ -56,3 +56,30 @@ def load_weights(folder: Path, file_name: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; the model folder is incomplete.")
     return load_file(str(path))
+
+
+def write_pipeline_folder(
+    path: str | Path,
+    unet_config: dict[str, Any],
+    unet_state: dict[str, torch.Tensor],
+    vae_config: dict[str, Any],
+    vae_state: dict[str, torch.Tensor],
+    text_encoder,
+    schedule_config: dict[str, Any],
+    prediction_type: str,
+    sample_size: int,
+) -> Path:
+    """Write a text-to-image model folder: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/`` and ``scheduler/`` (safetensors and JSON only; the diffusers folder layout)."""
+    folder = Path(path)
+    write_model_folder(folder / "unet", {**unet_config, "_class_name": "UNetModel"}, {"model.safetensors": unet_state})
+    write_model_folder(folder / "vae", {**vae_config, "_class_name": "AutoencoderKL"}, {"model.safetensors": vae_state})
+    text_encoder.save_pretrained(folder)
+    scheduler = {**schedule_config, "_class_name": "NoiseSchedule", "prediction_type": prediction_type}
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_jsonable(scheduler), indent=2) + "\n")
+    index = {"_class_name": "LatentDiffusionPipeline", "_ldm_version": 1, "unet": "unet", "vae": "vae",
+             "text_encoder": "text_encoder", "tokenizer": "tokenizer", "scheduler": "scheduler",
+             "text_encoder_layer": text_encoder.layer, "sample_size": int(sample_size)}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

@@ -1,4 +1,4 @@
-"""Text-to-latent sampling with classifier-free guidance, shared by validation, the demo and the pipeline."""
+"""Text-to-latent sampling with classifier-free guidance, shared by validation and the pipeline."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ldm.diffusion import SAMPLERS, NoiseSchedule, classifier_free_guidance, sampling_timesteps
+from ldm.diffusion import NoiseSchedule, classifier_free_guidance, sample
 
 
 def guided_denoiser(
     unet: nn.Module, context: torch.Tensor, uncond_context: torch.Tensor | None, guidance_scale: float, guidance_rescale: float = 0.0
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A denoiser ``(x_t, t) -> model output`` that applies CFG with one batched UNet call."""
+    dtype = next(unet.parameters()).dtype
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
         if uncond_context is None or guidance_scale == 1.0:
-            return unet(x, t, context)
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]))
+            return unet(x, t, context).float()
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context])).float()
         cond, uncond = out.chunk(2)
         return classifier_free_guidance(cond, uncond, guidance_scale, guidance_rescale)
 
@@ -39,17 +41,10 @@ def sample_latents(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     spacing: str = "leading",
-    eta: float = 0.0,
 ) -> torch.Tensor:
     """Sample one latent per row of ``context`` (B, L, D); returns (B, *latent_shape) latents (scaled)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}; choose one of {sorted(SAMPLERS)}")
-    device, dtype = context.device, context.dtype
     if noise is None:
-        noise = torch.randn((context.shape[0], *latent_shape), generator=generator, device=device, dtype=dtype)
-    # diffusers lays out DPM-Solver timesteps differently from DDIM's for the same spacing; follow it.
-    convention = "dpmsolver" if sampler == "dpmpp_2m" else "ddim"
-    timesteps = sampling_timesteps(schedule, num_steps, spacing, convention=convention).to(device)
+        noise = torch.randn((context.shape[0], *latent_shape), generator=generator, device=context.device)
     denoiser = guided_denoiser(unet, context, uncond_context, guidance_scale)
-    kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {}
-    return SAMPLERS[sampler](denoiser, noise, schedule, timesteps, prediction_type=prediction_type, **kwargs)
+    return sample(sampler, denoiser, noise.float(), schedule, num_steps, prediction_type=prediction_type, spacing=spacing,
+                  generator=generator if sampler in ("ddpm", "euler_a") else None)

@@ -34,6 +34,7 @@ class CrossAttention(nn.Module):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
+        self.query_chunk_size: int | None = None  # attention slicing: queries per chunk (None = all at once)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -49,7 +50,11 @@ class CrossAttention(nn.Module):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(dim_head), no mask
+        chunk = self.query_chunk_size
+        if chunk is None or chunk >= q.shape[2]:
+            out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(dim_head), no mask
+        else:  # peak memory of the attention matrix shrinks by q_len / chunk
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v) for i in range(0, q.shape[2], chunk)], dim=2)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 

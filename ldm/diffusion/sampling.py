@@ -1,0 +1,151 @@
+"""The sampler registry and one entry point that lays out each sampler's timesteps as diffusers does.
+
+``sample(name, denoiser, noise, schedule, num_steps, ...)`` runs a named sampler from standard-normal noise
+(text-to-image) or, with ``start_step > 0``, from ``noise_to_step(...)`` (img2img / inpainting: the first
+``start_step`` of ``num_steps`` steps are skipped, as diffusers' pipelines do with ``strength``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ldm.diffusion.euler import sample_euler, sample_euler_ancestral, sample_heun
+from ldm.diffusion.samplers import Denoiser, StepCallback, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.sigmas import dpmsolver_sigmas, euler_sigmas
+from ldm.diffusion.timesteps import sampling_timesteps
+
+__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "noise_to_step", "sample", "sampler_timesteps"]
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+}
+# The timestep layout (``sampling_timesteps`` convention) of each sampler's diffusers scheduler.
+_CONVENTION = {"ddpm": "ddim", "ddim": "ddim", "dpmpp_2m": "dpmsolver", "euler": "euler", "euler_a": "euler", "heun": "euler"}
+KARRAS_SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "heun")
+_SIGMA_SPACE = ("euler", "euler_a", "heun")
+_STOCHASTIC = ("ddpm", "euler_a")
+
+
+def _check(name: str, num_steps: int, start_step: int, karras: bool) -> None:
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must lie in [0, {num_steps - 1}] for num_steps={num_steps}, got {start_step}")
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"Karras sigmas are not supported by sampler {name!r}; they are by {', '.join(KARRAS_SAMPLERS)}")
+
+
+def sampler_timesteps(
+    name: str, schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """The timesteps diffusers' scheduler for sampler ``name`` lays out (before any Karras conversion).
+
+    Raises:
+        ValueError: for an unknown sampler name, spacing or ``num_steps`` outside ``[1, T]``.
+    """
+    _check(name, num_steps, 0, False)
+    return sampling_timesteps(schedule, num_steps, spacing, steps_offset, convention=_CONVENTION[name])
+
+
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    prediction_type: str = "epsilon",
+    spacing: str = "leading",
+    karras: bool = False,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    start_step: int = 0,
+    *,
+    steps_offset: int = 0,
+) -> torch.Tensor:
+    """Run sampler ``name`` (one of :data:`SAMPLERS`) for ``num_steps`` steps and return the denoised sample.
+
+    Args:
+        name: ``"ddpm"``, ``"ddim"``, ``"dpmpp_2m"``, ``"euler"``, ``"euler_a"`` or ``"heun"``.
+        denoiser: ``denoiser(x_t, t) -> model output``; sigma-space samplers (euler, euler_a, heun) pass float
+            timesteps, see :mod:`ldm.diffusion.euler`.
+        noise: standard-normal noise when ``start_step == 0``; else ``noise_to_step(...)``'s output.
+        schedule: the model's noise schedule.
+        num_steps: number of steps of the full schedule (``start_step`` of them are skipped).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (aliases ``"eps"``, ``"v"``).
+        spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``, laid out as each sampler's diffusers scheduler does.
+        karras: Karras sigmas (dpmpp_2m, euler, euler_a, heun only).
+        eta: DDIM's noise scale (ddim only; must be 0 for the others).
+        generator: noise source of ddpm, euler_a and ddim with ``eta > 0``.
+        callback: ``callback(i, t, x)`` after each step.
+        start_step: skip this many steps (img2img); ``0 <= start_step < num_steps``.
+        steps_offset: diffusers' ``steps_offset`` (1 in Stable Diffusion configs; affects ``leading`` only).
+
+    Raises:
+        ValueError: unknown sampler (the message lists the names), ``num_steps < 1``, ``start_step`` out of range,
+            ``karras`` for ddpm/ddim, or ``eta != 0`` for a sampler other than ddim.
+    """
+    _check(name, num_steps, start_step, karras)
+    if eta != 0 and name != "ddim":
+        raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
+    timesteps = sampler_timesteps(name, schedule, num_steps, spacing, steps_offset)
+    kwargs: dict = {"callback": callback, "start_step": start_step}
+    if name in KARRAS_SAMPLERS:
+        kwargs["use_karras_sigmas"] = karras
+    if name in _SIGMA_SPACE:
+        kwargs["spacing"] = spacing
+    if name in _STOCHASTIC:
+        kwargs["generator"] = generator
+    if name == "ddim":
+        kwargs.update(eta=eta, generator=generator)
+    return SAMPLERS[name](denoiser, noise, schedule, timesteps, prediction_type, **kwargs)
+
+
+def noise_to_step(
+    name: str,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    start_step: int,
+    spacing: str = "leading",
+    karras: bool = False,
+    *,
+    steps_offset: int = 0,
+) -> torch.Tensor:
+    """The start sample for ``sample(name, ..., start_step=start_step)``: ``x0`` noised to that step's level.
+
+    This is diffusers' ``scheduler.add_noise(x0, noise, timesteps[start_step])`` (with the pipeline's
+    ``set_begin_index``) in VP scale: ``alpha * x0 + sigma * noise``. For ddpm/ddim ``alpha^2 = alphas_cumprod[t]``;
+    for dpmpp_2m and the sigma-space samplers the level is the scheduler's sigma at that step (interpolated or
+    Karras), with ``alpha = 1 / sqrt(sigma^2 + 1)``; the sigma-space samplers multiply by ``sqrt(sigma^2 + 1)``
+    and so start from diffusers' ``x0 + sigma * noise`` exactly.
+
+    Note: with ``start_step == 0``, :func:`sample` takes its input as pure noise and sigma-space samplers scale it
+    by diffusers' ``init_noise_sigma`` (= ``sqrt(sigma^2 + 1)`` for leading spacing, ``sigma`` otherwise).
+
+    Raises:
+        ValueError: as :func:`sample`.
+    """
+    _check(name, num_steps, start_step, karras)
+    timesteps = sampler_timesteps(name, schedule, num_steps, spacing, steps_offset)
+    if name in ("ddpm", "ddim"):
+        t = torch.full((x0.shape[0],), int(timesteps[start_step]), dtype=torch.long)
+        return schedule.add_noise(x0, noise, t)
+    if name == "dpmpp_2m":
+        sigma = dpmsolver_sigmas(schedule, timesteps, karras)[1][start_step]
+    else:
+        sigma = euler_sigmas(schedule, timesteps, karras)[1][start_step]
+    alpha = 1.0 / (sigma * sigma + 1.0) ** 0.5
+    work = torch.promote_types(x0.dtype, torch.float32)
+    return (alpha * x0.to(work) + sigma * alpha * noise.to(work)).to(x0.dtype)
