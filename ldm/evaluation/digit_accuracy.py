@@ -49,7 +49,8 @@ def evaluate_digit_prompts(pipe, steps: int = 20, guidance: float = 5.0, sampler
     labels = [d for d in range(10) for _ in range(per_digit)]
     seeds = [seed + i for i in range(len(prompts))]
     images = torch.cat([
-        pipe(prompts[i : i + batch_size], steps, guidance, sampler, seed=seeds[i : i + batch_size], output_type="pt").images
+        pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance, sampler=sampler,
+             seed=seeds[i : i + batch_size], output_type="pt", progress=False).images
         for i in range(0, len(prompts), batch_size)
     ])
     accuracy, predictions = prompt_accuracy(classifier, images, labels)

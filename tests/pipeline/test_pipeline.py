@@ -159,3 +159,12 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert torch.equal(pipe("a blue square", **kwargs).images, loaded("a blue square", **kwargs).images)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         LatentDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_digit_prompt_evaluation_runs_the_pipeline(pipe, tmp_path):
+    from ldm.evaluation.digit_accuracy import evaluate_digit_prompts
+
+    result = evaluate_digit_prompts(pipe, steps=2, guidance=2.0, per_digit=2, grid_path=str(tmp_path / "grid.png"))
+    assert result["samples"] == 20 and len(result["per_digit"]) == 10
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["accuracy"] == sum(result["per_digit"]) / 10
+    assert (tmp_path / "grid.png").is_file()
