@@ -22,9 +22,12 @@ def test_fit_help_documents_every_model_and_data_argument():
 
     from ldm.data import ImageCaptionDataModule
 
-    for name in inspect.signature(AutoencoderKL.__init__).parameters:
-        if name != "self":
-            assert f"--model.{name} " in out.stdout, name
+    from ldm.models import LatentDiffusion
+
+    for model_class in (AutoencoderKL, LatentDiffusion):
+        for name in inspect.signature(model_class.__init__).parameters:
+            if name != "self":
+                assert f"--model.{name} " in out.stdout, (model_class.__name__, name)
     for name in inspect.signature(ImageCaptionDataModule.__init__).parameters:
         if name != "self":
             assert f"--data.{name} " in out.stdout, name
