@@ -3,13 +3,12 @@ gradient checkpointing and the timestep embedding."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
 
+from ldm.interop.unet_keys import diffusers_to_ldm_unet
 from ldm.nn.unet import UNetModel
 from ldm.nn.unet_blocks import timestep_embedding
 
@@ -36,72 +35,6 @@ SD15_DIFFUSERS = dict(
     attention_head_dim=8,
 )
 SD2_DIFFUSERS = dict(SD15_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-
-
-def diffusers_unet_to_ldm(
-    state_dict: Mapping[str, torch.Tensor], num_res_blocks: int, channel_mult: Sequence[int]
-) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``UNet2DConditionModel`` state dict to CompVis/ldm ``UNetModel`` names.
-
-    Transformer internals (``norm``, ``proj_in``, ``transformer_blocks.*``, ``proj_out``) share names;
-    only the block paths and ResBlock layer names differ. Whether an up level has attentions (which
-    moves its upsampler from index 1 to 2) is read from the keys. Tensors are not reshaped: diffusers'
-    conv ``proj_in``/``proj_out`` (SD v1) and linear ones (SD v2) have the original checkpoints' shapes.
-
-    Raises:
-        KeyError: for a key this map does not know.
-    """
-    resnet_names = {
-        "norm1": "in_layers.0",
-        "conv1": "in_layers.2",
-        "time_emb_proj": "emb_layers.1",
-        "norm2": "out_layers.0",
-        "conv2": "out_layers.3",
-        "conv_shortcut": "skip_connection",
-    }
-    top = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
-    levels = len(channel_mult)
-    up_has_attention = {i for i in range(levels) if any(k.startswith(f"up_blocks.{i}.attentions.") for k in state_dict)}
-
-    def resnet_tail(tail: str) -> str:
-        name, _, rest = tail.partition(".")
-        return f"{resnet_names[name]}.{rest}"
-
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new: str | None = None
-        for prefix, target in top.items():
-            if key.startswith(prefix + "."):
-                new = target + key[len(prefix) :]
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            level, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
-            idx = 1 + level * (num_res_blocks + 1) + j
-            new = f"input_blocks.{idx}.0.{resnet_tail(tail)}" if kind == "resnets" else f"input_blocks.{idx}.1.{tail}"
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            idx = 1 + int(m[1]) * (num_res_blocks + 1) + num_res_blocks
-            new = f"input_blocks.{idx}.0.op.{m[2]}"
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"middle_block.{2 * int(m[1])}.{resnet_tail(m[2])}"
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            new = f"middle_block.1.{m[1]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            level, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
-            idx = level * (num_res_blocks + 1) + j
-            new = f"output_blocks.{idx}.0.{resnet_tail(tail)}" if kind == "resnets" else f"output_blocks.{idx}.1.{tail}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            level = int(m[1])
-            idx = level * (num_res_blocks + 1) + num_res_blocks
-            new = f"output_blocks.{idx}.{2 if level in up_has_attention else 1}.conv.{m[2]}"
-        if new is None:
-            raise KeyError(f"unknown diffusers UNet key {key!r}")
-        out[new] = value
-    return out
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -170,7 +103,7 @@ def test_full_size_parameter_shapes_match_diffusers(ours, theirs, expected_count
     assert sum(p.numel() for p in reference.parameters()) == expected_count
     assert squeezed_shapes(unet) == squeezed_shapes(reference)
     # The key map covers the full model and lands on our exact shapes (no reshaping needed).
-    mapped = diffusers_unet_to_ldm(reference.state_dict(), num_res_blocks=2, channel_mult=(1, 2, 4, 4))
+    mapped = diffusers_to_ldm_unet(reference.state_dict(), ours)
     ours_sd = unet.state_dict()
     assert mapped.keys() == ours_sd.keys()
     assert all(mapped[k].shape == ours_sd[k].shape for k in ours_sd)
@@ -201,7 +134,7 @@ def test_outputs_match_diffusers_with_copied_weights(ours, theirs):
     )
     randomize_(reference).eval()
     unet = UNetModel(**ours).eval()
-    unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), num_res_blocks=1, channel_mult=(1, 2)), strict=True)
+    unet.load_state_dict(diffusers_to_ldm_unet(reference.state_dict(), ours), strict=True)
 
     x, context = torch.randn(2, 4, 8, 16), torch.randn(2, 5, 16)
     t = torch.tensor([3, 811])

@@ -1,0 +1,189 @@
+"""diffusers ``StableDiffusionPipeline`` folders: read the UNet and VAE into our modules' names, write a folder diffusers loads.
+
+A folder holds ``model_index.json``, ``unet/`` and ``vae/`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``), ``text_encoder/`` and ``tokenizer/`` (transformers'
+own formats: load them with ``TextEncoder.from_pretrained``) and ``scheduler/scheduler_config.json``.
+diffusers itself is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.interop.sd_checkpoint import _contiguous_unshared
+from ldm.interop.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
+from ldm.interop.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
+
+DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write; any recent diffusers reads them
+WEIGHTS_NAME = "diffusion_pytorch_model"
+SCHEDULER_CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler", "DDPMScheduler")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing; is {str(path.parent.parent)!r} a diffusers folder?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """``diffusion_pytorch_model[.fp16].safetensors`` (sharded too) or ``.bin`` (``weights_only=True``)."""
+    from safetensors.torch import load_file
+
+    for variant in ("", ".fp16"):
+        single = folder / f"{WEIGHTS_NAME}{variant}.safetensors"
+        if single.is_file():
+            return load_file(str(single), device="cpu")
+        index = folder / f"{WEIGHTS_NAME}{variant}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+            out: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                out.update(load_file(str(folder / shard), device="cpu"))
+            return out
+        binary = folder / f"{WEIGHTS_NAME}{variant}.bin"
+        if binary.is_file():
+            return dict(torch.load(binary, map_location="cpu", weights_only=True))
+    raise FileNotFoundError(f"no {WEIGHTS_NAME}.safetensors or .bin in {str(folder)!r}")
+
+
+def load_diffusers_folder(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Path | None, Path | None, dict[str, Any] | None]:
+    """Read a diffusers SD folder into our names.
+
+    Returns:
+        ``(unet_state, unet_config, vae_state, vae_config, text_encoder_path, tokenizer_path,
+        scheduler_config)``: state dicts and ``UNetModel``/``KLAutoencoder`` kwargs in our
+        layout; the ``text_encoder/`` and ``tokenizer/`` folders (``None`` when absent) for
+        ``transformers`` to load; the scheduler config dict (``None`` when absent). The VAE's
+        ``scaling_factor`` stays in the diffusers config: read ``vae/config.json`` for it, or use
+        :func:`read_vae_scaling_factor`.
+
+    Raises:
+        FileNotFoundError: if ``model_index.json``, a config or weights are missing.
+        ValueError: for UNet/VAE configurations our modules cannot express.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"diffusers folder {str(root)!r} does not exist")
+    _read_json(root / "model_index.json")
+    unet_config = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
+    unet_state = diffusers_to_ldm_unet(_read_weights(root / "unet"), unet_config)
+    vae_config = vae_config_from_diffusers(_read_json(root / "vae" / "config.json"))
+    vae_state = diffusers_to_ldm_vae(_read_weights(root / "vae"), vae_config)
+    text_encoder = root / "text_encoder"
+    tokenizer = root / "tokenizer"
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    return (
+        unet_state,
+        unet_config,
+        vae_state,
+        vae_config,
+        text_encoder if text_encoder.is_dir() else None,
+        tokenizer if tokenizer.is_dir() else None,
+        _read_json(scheduler) if scheduler.is_file() else None,
+    )
+
+
+def read_vae_scaling_factor(path: str | Path, default: float = 0.18215) -> float:
+    """The latent scaling factor recorded in a diffusers folder's ``vae/config.json``."""
+    return float(_read_json(Path(path) / "vae" / "config.json").get("scaling_factor", default))
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(obj), indent=2) + "\n", encoding="utf-8")
+
+
+def _write_model(folder: Path, class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    _write_json(folder / "config.json", {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config})
+    save_file(_contiguous_unshared(state), str(folder / f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
+
+
+def write_diffusers_folder(
+    path: str | Path,
+    unet_state: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae_state: Mapping[str, torch.Tensor],
+    vae_config: Mapping[str, Any],
+    text_encoder: Any,
+    tokenizer: Any,
+    scheduler_config: Mapping[str, Any],
+    scheduler_class: str = "DDIMScheduler",
+    prediction_type: str = "epsilon",
+    vae_scaling_factor: float = 0.18215,
+    sample_size: int | None = None,
+) -> Path:
+    """Write a folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
+
+    Args:
+        path: Output folder (created).
+        unet_state, unet_config: Our ``UNetModel`` weights and kwargs.
+        vae_state, vae_config: Our ``KLAutoencoder`` weights and kwargs.
+        text_encoder: A ``transformers.CLIPTextModel`` (written with its ``save_pretrained``).
+        tokenizer: Its ``CLIPTokenizer`` (``save_pretrained``).
+        scheduler_config: The schedule part of a diffusers scheduler config
+            (``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``, ...), e.g.
+            ``NoiseSchedule.to_diffusers_scheduler_config()``.
+        scheduler_class: diffusers scheduler class recorded (``DDIMScheduler``,
+            ``DPMSolverMultistepScheduler``, ...).
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        vae_scaling_factor: Latent scale (SD: 0.18215).
+        sample_size: Latent size recorded in the UNet config (image size / 8); default: the VAE's
+            ``resolution`` divided by its downsampling factor.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    if scheduler_class not in SCHEDULER_CLASSES:
+        raise ValueError(f"scheduler_class must be one of {SCHEDULER_CLASSES}, got {scheduler_class!r}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    diffusers_vae = vae_config_to_diffusers(vae_config, scaling_factor=vae_scaling_factor)
+    if sample_size is None:
+        sample_size = diffusers_vae["sample_size"] // 2 ** (len(diffusers_vae["block_out_channels"]) - 1)
+    _write_model(root / "unet", "UNet2DConditionModel", unet_config_to_diffusers(unet_config, sample_size), ldm_to_diffusers_unet(unet_state, unet_config))
+    _write_model(root / "vae", "AutoencoderKL", diffusers_vae, ldm_to_diffusers_vae(vae_state, vae_config))
+    text_encoder.save_pretrained(root / "text_encoder")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # don't persist the padding/truncation state of the last call (transformers v5)
+        backend.no_padding()
+        backend.no_truncation()
+    tokenizer.save_pretrained(root / "tokenizer")
+
+    scheduler: dict[str, Any] = {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION}
+    scheduler.update(dict(scheduler_config))
+    scheduler["prediction_type"] = prediction_type
+    if scheduler_class == "DDIMScheduler":
+        scheduler.setdefault("clip_sample", False)
+        scheduler.setdefault("set_alpha_to_one", False)
+        scheduler.setdefault("steps_offset", 1)
+    elif scheduler_class == "DPMSolverMultistepScheduler":
+        scheduler.setdefault("algorithm_type", "dpmsolver++")
+        scheduler.setdefault("solver_order", 2)
+        scheduler.setdefault("steps_offset", 1)
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
+
+    _write_json(
+        root / "model_index.json",
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", type(text_encoder).__name__],
+            "tokenizer": ["transformers", type(tokenizer).__name__],
+            "scheduler": ["diffusers", scheduler_class],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        },
+    )
+    return root

@@ -1,0 +1,243 @@
+"""UNet key maps and configurations: diffusers ``UNet2DConditionModel`` <-> our (CompVis-named) ``UNetModel``.
+
+Transformer internals (``norm``, ``proj_in``, ``transformer_blocks.*``, ``proj_out``) have the same
+names and shapes in both layouts; only block paths and ResBlock layer names differ, so the maps are a
+table of module prefixes built from the configuration, applied in either direction. No tensor is
+reshaped: diffusers keeps SD v1's 1x1-conv ``proj_in``/``proj_out`` and SD v2's linear ones as they are.
+
+Example:
+    >>> config = unet_config_from_diffusers(json.loads(Path("unet/config.json").read_text()))
+    >>> unet = UNetModel(**config)
+    >>> unet.load_state_dict(diffusers_to_ldm_unet(diffusers_state, config))
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ldm.interop._prefix_map import invert, rename_by_prefix
+from ldm.nn.unet import UNetModel
+
+_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(UNetModel.__init__).parameters.items() if p.default is not p.empty
+}
+
+# diffusers ResnetBlock2D layer -> CompVis ResBlock layer.
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _arg(config: Mapping[str, Any], name: str) -> Any:
+    return config.get(name, _DEFAULTS[name])
+
+
+def _unet_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers module prefix -> ours, for every module of a UNet with this (our) configuration."""
+    nrb = int(_arg(config, "num_res_blocks"))
+    levels = len(tuple(_arg(config, "channel_mult")))
+    attn = set(_arg(config, "attention_resolutions"))
+    table = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.attentions.0.": "middle_block.1.",
+    }
+
+    def resnet(theirs: str, ours: str) -> None:
+        for a, b in _RESNET.items():
+            table[f"{theirs}.{a}."] = f"{ours}.{b}."
+
+    resnet("mid_block.resnets.0", "middle_block.0")
+    resnet("mid_block.resnets.1", "middle_block.2")
+    for level in range(levels):
+        has_attn = 2**level in attn
+        for j in range(nrb):
+            idx = 1 + level * (nrb + 1) + j
+            resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{idx}.0")
+            if has_attn:
+                table[f"down_blocks.{level}.attentions.{j}."] = f"input_blocks.{idx}.1."
+        if level != levels - 1:
+            table[f"down_blocks.{level}.downsamplers.0.conv."] = f"input_blocks.{1 + level * (nrb + 1) + nrb}.0.op."
+    for i in range(levels):  # up_blocks.0 is the lowest resolution
+        level = levels - 1 - i
+        has_attn = 2**level in attn
+        for j in range(nrb + 1):
+            idx = i * (nrb + 1) + j
+            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{idx}.0")
+            if has_attn:
+                table[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{idx}.1."
+        if level != 0:
+            table[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{i * (nrb + 1) + nrb}.{2 if has_attn else 1}.conv."
+    return table
+
+
+def diffusers_to_ldm_unet(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``UNet2DConditionModel`` state dict to our ``UNetModel`` names.
+
+    Args:
+        state_dict: diffusers UNet weights.
+        config: Our ``UNetModel`` keyword arguments (``num_res_blocks``, ``channel_mult``,
+            ``attention_resolutions``; missing ones take ``UNetModel``'s defaults), e.g. from
+            :func:`unet_config_from_diffusers`.
+
+    Raises:
+        KeyError: naming keys that do not fit the configuration.
+    """
+    return rename_by_prefix(state_dict, _unet_prefixes(config), "diffusers UNet")
+
+
+def ldm_to_diffusers_unet(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename our ``UNetModel`` state dict to diffusers names; the exact inverse of :func:`diffusers_to_ldm_unet`."""
+    return rename_by_prefix(state_dict, invert(_unet_prefixes(config)), "ldm UNet")
+
+
+_UNSUPPORTED_IF_SET = (
+    "class_embed_type",
+    "addition_embed_type",
+    "encoder_hid_dim",
+    "time_cond_proj_dim",
+    "num_class_embeds",
+)
+
+
+def _per_level(value: Any, levels: int, name: str) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise ValueError(f"diffusers UNet config: {name} has {len(value)} entries for {levels} levels")
+        return [int(v) for v in value]
+    return [int(value)] * levels
+
+
+def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our ``UNetModel`` keyword arguments from a diffusers ``unet/config.json`` (SD v1/v2 layouts).
+
+    diffusers' ``attention_head_dim`` is (for historical reasons) the number of heads: an int means
+    the same head count at every level (SD v1: 8 -> ``num_heads=8``); a list gives heads per level,
+    which SD v2 chooses so that every head is 64 wide (-> ``num_head_channels=64``).
+
+    Raises:
+        ValueError: for configurations our UNet cannot express (class/addition embeddings, attention
+            in some levels of the way up but not the mirrored ones down, unequal head widths, ...).
+    """
+    cfg = dict(diffusers_config)
+    for key in _UNSUPPORTED_IF_SET:
+        if cfg.get(key) is not None:
+            raise ValueError(f"diffusers UNet config sets {key}={cfg[key]!r}, which ldm's UNetModel does not support")
+    checks = {
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "center_input_sample": False,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "upcast_attention": False,
+        "resnet_time_scale_shift": "default",
+        "dual_cross_attention": False,
+        "only_cross_attention": False,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "norm_eps": 1e-5,
+    }
+    for key, expected in checks.items():
+        if key in cfg and cfg[key] is not None and cfg[key] != expected:
+            raise ValueError(f"diffusers UNet config sets {key}={cfg[key]!r}; ldm's UNetModel needs {expected!r}")
+    if cfg.get("cross_attention_dim") is None:
+        raise ValueError("diffusers UNet config has no cross_attention_dim; only text-conditional UNets are supported")
+
+    channels = [int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280))]
+    levels = len(channels)
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first level's {base}")
+    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]))
+    up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)))
+    has_attn = [t.startswith("CrossAttn") for t in down]
+    if [t.startswith("CrossAttn") for t in reversed(up)] != has_attn:
+        raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
+
+    heads_value = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    depth = set(_per_level(cfg.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block"))
+    if len(depth) != 1:
+        raise ValueError(f"transformer_layers_per_block {cfg.get('transformer_layers_per_block')} must be equal per level")
+    if isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
+        raise ValueError("a per-level cross_attention_dim is not supported")
+
+    out: dict[str, Any] = dict(
+        in_channels=int(cfg.get("in_channels", 4)),
+        out_channels=int(cfg.get("out_channels", 4)),
+        model_channels=base,
+        channel_mult=tuple(c // base for c in channels),
+        num_res_blocks=int(cfg.get("layers_per_block", 2)),
+        attention_resolutions=tuple(2**i for i, a in enumerate(has_attn) if a),
+        context_dim=int(cfg["cross_attention_dim"]),
+        transformer_depth=depth.pop(),
+        use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
+        norm_groups=int(cfg.get("norm_num_groups", 32)),
+    )
+    if isinstance(heads_value, (list, tuple)):
+        heads = _per_level(heads_value, levels, "attention_head_dim")
+        widths = {channels[i] // heads[i] for i in range(levels) if has_attn[i]} | {channels[-1] // heads[-1]}
+        if len(widths) != 1 or any(channels[i] % heads[i] for i in range(levels)):
+            raise ValueError(f"attention_head_dim {list(heads_value)} gives unequal head widths for {channels}")
+        out.update(num_heads=-1, num_head_channels=widths.pop())
+    else:
+        out.update(num_heads=int(heads_value), num_head_channels=-1)
+    return out
+
+
+def unet_config_to_diffusers(config: Mapping[str, Any], sample_size: int | None = None) -> dict[str, Any]:
+    """A diffusers ``UNet2DConditionModel`` config (no ``_class_name``) for our ``UNetModel`` kwargs.
+
+    Args:
+        config: Our ``UNetModel`` keyword arguments (defaults filled in from ``UNetModel``).
+        sample_size: Latent size recorded as ``sample_size`` (64 for SD v1 at 512 px); omitted if ``None``.
+
+    Raises:
+        ValueError: for an unconditional UNet (diffusers' conditional UNet needs ``cross_attention_dim``).
+    """
+    c = {**_DEFAULTS, **config}
+    if c["context_dim"] is None:
+        raise ValueError("an unconditional UNet (context_dim=None) has no diffusers UNet2DConditionModel equivalent")
+    mults = list(c["channel_mult"])
+    if mults[0] != 1:
+        raise ValueError(f"diffusers' UNet needs channel_mult[0] == 1 (conv_in width = first level width), got {mults}")
+    channels = [c["model_channels"] * m for m in mults]
+    attn = [2**i in set(c["attention_resolutions"]) for i in range(len(mults))]
+    if c["num_head_channels"] == -1:
+        heads: int | list[int] = int(c["num_heads"])
+    else:
+        heads = [ch // c["num_head_channels"] for ch in channels]
+    out: dict[str, Any] = {
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "block_out_channels": channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "layers_per_block": c["num_res_blocks"],
+        "cross_attention_dim": c["context_dim"],
+        "attention_head_dim": heads,
+        "use_linear_projection": bool(c["use_linear_in_transformer"]),
+        "transformer_layers_per_block": c["transformer_depth"],
+        "norm_num_groups": c["norm_groups"],
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "center_input_sample": False,
+        "downsample_padding": 1,
+    }
+    if sample_size is not None:
+        out["sample_size"] = sample_size
+    return out

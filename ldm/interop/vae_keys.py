@@ -1,0 +1,172 @@
+"""VAE key maps and configurations: diffusers ``AutoencoderKL`` <-> our ``KLAutoencoder`` (SD ``first_stage_model`` names).
+
+The differences are block paths (``down.0.block.0`` <-> ``down_blocks.0.resnets.0``), the decoder's
+level order (our ``up.0`` is the highest resolution, diffusers' ``up_blocks.0`` the lowest), a few layer
+names (``nin_shortcut`` <-> ``conv_shortcut``, ``norm_out`` <-> ``conv_norm_out``) and the mid-block
+attention, whose 1x1 convs ``q/k/v/proj_out`` ([C, C, 1, 1]) are diffusers Linear layers
+``to_q/to_k/to_v/to_out.0`` ([C, C]). Old diffusers files name those ``query/key/value/proj_attn``;
+they are read too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ldm.interop._prefix_map import invert, rename_by_prefix
+from ldm.nn.autoencoder import KLAutoencoder
+
+_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(KLAutoencoder.__init__).parameters.items() if p.default is not p.empty
+}
+_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+
+
+def _arg(config: Mapping[str, Any], name: str) -> Any:
+    return config.get(name, _DEFAULTS[name])
+
+
+def _vae_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers module prefix -> ours for every module of a VAE with this (our) configuration."""
+    if tuple(_arg(config, "attn_resolutions")):
+        raise ValueError("VAE key maps support SD's layout only: attn_resolutions must be empty (mid-block attention only)")
+    levels = len(tuple(_arg(config, "ch_mult")))
+    nrb = int(_arg(config, "num_res_blocks"))
+    table = {
+        "quant_conv.": "quant_conv.",
+        "post_quant_conv.": "post_quant_conv.",
+    }
+    for part in ("encoder", "decoder"):
+        table[f"{part}.conv_in."] = f"{part}.conv_in."
+        table[f"{part}.conv_out."] = f"{part}.conv_out."
+        table[f"{part}.conv_norm_out."] = f"{part}.norm_out."
+        for a, b in _ATTN.items():
+            table[f"{part}.mid_block.attentions.0.{a}."] = f"{part}.mid.attn_1.{b}."
+        for j, ours in enumerate(("block_1", "block_2")):
+            for a, b in _RESNET.items():
+                table[f"{part}.mid_block.resnets.{j}.{a}."] = f"{part}.mid.{ours}.{b}."
+
+    for i in range(levels):
+        for j in range(nrb):
+            for a, b in _RESNET.items():
+                table[f"encoder.down_blocks.{i}.resnets.{j}.{a}."] = f"encoder.down.{i}.block.{j}.{b}."
+        if i != levels - 1:
+            table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = f"encoder.down.{i}.downsample.conv."
+        level = levels - 1 - i  # diffusers' up_blocks.i is our up.(levels - 1 - i)
+        for j in range(nrb + 1):
+            for a, b in _RESNET.items():
+                table[f"decoder.up_blocks.{i}.resnets.{j}.{a}."] = f"decoder.up.{level}.block.{j}.{b}."
+        if level != 0:
+            table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{level}.upsample.conv."
+    return table
+
+
+def _is_attention_projection(key: str) -> bool:
+    return ".mid.attn_1." in key and key.rsplit(".", 2)[-2] in ("q", "k", "v", "proj_out") and key.endswith(".weight")
+
+
+def diffusers_to_ldm_vae(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename (and reshape) a diffusers ``AutoencoderKL`` state dict to our ``KLAutoencoder`` names.
+
+    Args:
+        state_dict: diffusers VAE weights (current or legacy attention names).
+        config: Our ``KLAutoencoder`` keyword arguments (``ch_mult``, ``num_res_blocks``; missing ones
+            take the defaults, which are SD's), e.g. from :func:`vae_config_from_diffusers`.
+
+    Raises:
+        KeyError: naming keys that do not fit the configuration.
+    """
+    modern: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        head, _, tail = key.rpartition(".")
+        for old, new in _LEGACY_ATTN.items():
+            if head.endswith(f"mid_block.attentions.0.{old}"):
+                head = head[: -len(old)] + new
+        modern[f"{head}.{tail}"] = value
+
+    def to_conv(old: str, new: str, value: torch.Tensor) -> torch.Tensor:
+        return value.reshape(*value.shape, 1, 1) if _is_attention_projection(new) and value.ndim == 2 else value
+
+    return rename_by_prefix(modern, _vae_prefixes(config), "diffusers VAE", to_conv)
+
+
+def ldm_to_diffusers_vae(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename our ``KLAutoencoder`` state dict to diffusers names; the inverse of :func:`diffusers_to_ldm_vae`."""
+
+    def to_linear(old: str, new: str, value: torch.Tensor) -> torch.Tensor:
+        return value.reshape(value.shape[:2]) if _is_attention_projection(old) and value.ndim == 4 else value
+
+    return rename_by_prefix(state_dict, invert(_vae_prefixes(config)), "ldm VAE", to_linear)
+
+
+def vae_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our ``KLAutoencoder`` keyword arguments from a diffusers ``vae/config.json``.
+
+    The diffusers-only ``scaling_factor`` (0.18215 for SD) is not a ``KLAutoencoder`` argument;
+    read it from the config yourself.
+
+    Raises:
+        ValueError: for layouts our autoencoder cannot express (attention inside levels, no quant convs, ...).
+    """
+    cfg = dict(diffusers_config)
+    channels = [int(c) for c in cfg.get("block_out_channels", (64,))]
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first level's {base}")
+    levels = len(channels)
+    down = list(cfg.get("down_block_types", ["DownEncoderBlock2D"] * levels))
+    up = list(cfg.get("up_block_types", ["UpDecoderBlock2D"] * levels))
+    if any(t != "DownEncoderBlock2D" for t in down) or any(t != "UpDecoderBlock2D" for t in up):
+        raise ValueError(f"only DownEncoderBlock2D/UpDecoderBlock2D VAEs are supported, got {down} / {up}")
+    for key, expected in {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True}.items():
+        if cfg.get(key, expected) != expected:
+            raise ValueError(f"diffusers VAE config sets {key}={cfg[key]!r}; ldm's KLAutoencoder needs {expected!r}")
+    latent = int(cfg.get("latent_channels", 4))
+    return dict(
+        in_channels=int(cfg.get("in_channels", 3)),
+        out_channels=int(cfg.get("out_channels", 3)),
+        ch=base,
+        ch_mult=tuple(c // base for c in channels),
+        num_res_blocks=int(cfg.get("layers_per_block", 1)),
+        attn_resolutions=(),
+        resolution=int(cfg.get("sample_size", 256) or 256),
+        z_channels=latent,
+        embed_dim=latent,
+        mid_attention=bool(cfg.get("mid_block_add_attention", True)),
+        norm_groups=int(cfg.get("norm_num_groups", 32)),
+    )
+
+
+def vae_config_to_diffusers(config: Mapping[str, Any], scaling_factor: float = 0.18215) -> dict[str, Any]:
+    """A diffusers ``AutoencoderKL`` config (no ``_class_name``) for our ``KLAutoencoder`` kwargs.
+
+    Raises:
+        ValueError: when ``embed_dim != z_channels`` or ``attn_resolutions`` is not empty.
+    """
+    c = {**_DEFAULTS, **config}
+    if c["embed_dim"] != c["z_channels"]:
+        raise ValueError(f"diffusers' AutoencoderKL needs embed_dim == z_channels, got {c['embed_dim']} and {c['z_channels']}")
+    if tuple(c["attn_resolutions"]):
+        raise ValueError("diffusers' AutoencoderKL (DownEncoderBlock2D) has no attention inside levels; attn_resolutions must be empty")
+    if tuple(c["ch_mult"])[0] != 1:
+        raise ValueError(f"diffusers' AutoencoderKL needs ch_mult[0] == 1 (conv_in width = first level width), got {c['ch_mult']}")
+    levels = len(tuple(c["ch_mult"]))
+    return {
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [c["ch"] * m for m in c["ch_mult"]],
+        "layers_per_block": c["num_res_blocks"],
+        "act_fn": "silu",
+        "latent_channels": c["z_channels"],
+        "norm_num_groups": c["norm_groups"],
+        "sample_size": c["resolution"],
+        "scaling_factor": scaling_factor,
+        "mid_block_add_attention": bool(c["mid_attention"]),
+    }

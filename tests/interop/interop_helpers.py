@@ -1,0 +1,57 @@
+"""Tiny model configurations and helpers shared by the interop tests (random weights, fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_UNET_DIFFUSERS = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=16,
+    norm_num_groups=32,
+)
+TINY_V1 = dict(TINY_UNET_DIFFUSERS, attention_head_dim=8)  # 8 heads at every level, conv projections
+TINY_V2 = dict(TINY_UNET_DIFFUSERS, attention_head_dim=(2, 4), use_linear_projection=True)  # 16-wide heads, linear
+TINY_VAE_DIFFUSERS = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=16,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Small random values for every parameter (diffusers and we zero-initialise some layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def tiny_clip_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    kwargs = dict(
+        vocab_size=1000,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=998,
+        eos_token_id=999,
+        pad_token_id=999,
+    )
+    kwargs.update(overrides)
+    return CLIPTextConfig(**kwargs)
