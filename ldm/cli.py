@@ -176,6 +176,19 @@ def _slug(text: str) -> str:
     return (re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unconditional")[:60]
 
 
+def _convert_main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ldm convert", description="Convert a text-to-image model between formats.")
+    parser.add_argument("src", help="ldm folder, diffusers folder, or LatentDiffusion .ckpt")
+    parser.add_argument("dst", help="output folder (ldm, diffusers) or .safetensors file (sd)")
+    parser.add_argument("--to", required=True, choices=["ldm", "diffusers", "sd"], help="output format")
+    parser.add_argument("--raw-weights", action="store_true", help="from a .ckpt: the raw weights instead of the EMA ones")
+    ns = parser.parse_args(args)
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(ns.src, use_ema=not ns.raw_weights)
+    print(f"Wrote {pipe.save_pretrained(ns.dst, format=ns.to)} ({ns.to})")
+
+
 def _evaluate_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ldm evaluate", description="Evaluate an exported text-to-image model.")
     sub = parser.add_subparsers(dest="task", required=True)
@@ -210,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _data_main(args[1:])
     elif args and args[0] == "generate":
         _generate_main(args[1:])
+    elif args and args[0] == "convert":
+        _convert_main(args[1:])
     elif args and args[0] == "evaluate":
         _evaluate_main(args[1:])
     elif args and args[0] == "reconstruct":
@@ -223,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "       ldm data tokenizer ROOT --out DIR                      train a CLIP-style tokenizer on captions\n"
             "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid\n"
             "       ldm generate PROMPT --model DIR [--steps 25 --seed 0]  text-to-image (img2img/inpainting: --init-image, --mask)\n"
+            "       ldm convert SRC DST --to ldm|diffusers|sd              convert between model formats\n"
             "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )

@@ -62,11 +62,12 @@ class LatentDiffusionPipeline:
         if path.is_file() and path.suffix == ".ckpt":
             pipe = cls._from_lightning_checkpoint(path, use_ema)
         elif (path / "model_index.json").is_file():
-            pipe = cls._from_folder(path)
+            index = json.loads((path / "model_index.json").read_text())
+            pipe = cls._from_folder(path) if index.get("_class_name") == "LatentDiffusionPipeline" else cls._from_diffusers(path)
         else:
             raise FileNotFoundError(
-                f"{path} is neither a model folder with model_index.json (written by ldm's export) nor a Lightning "
-                ".ckpt of LatentDiffusion; pass e.g. checkpoints/demo or logs/.../last.ckpt"
+                f"{path} is neither a model folder with model_index.json (ldm's export or a diffusers Stable Diffusion "
+                "folder) nor a Lightning .ckpt of LatentDiffusion; pass e.g. checkpoints/demo or logs/.../last.ckpt"
             )
         return pipe.to(device, dtype)
 
@@ -88,6 +89,26 @@ class LatentDiffusionPipeline:
                    vae_config.get("scaling_factor", 1.0), index.get("sample_size"), unet_config, vae_config)
 
     @classmethod
+    def _from_diffusers(cls, folder: Path) -> "LatentDiffusionPipeline":
+        from ldm.interop import load_diffusers_folder, read_vae_scaling_factor
+
+        unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = load_diffusers_folder(folder)
+        if text_path is None or tok_path is None:
+            raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
+        unet = UNetModel(**unet_config)
+        unet.load_state_dict(unet_state)
+        vae = KLAutoencoder(**vae_config)
+        vae.load_state_dict(vae_state)
+        # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
+        text_encoder = TextEncoder.from_pretrained(str(folder), layer="last")
+        sched = sched or {}
+        schedule = NoiseSchedule.from_diffusers_scheduler_config(sched)
+        config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
+        latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
+        return cls(unet, vae, text_encoder, schedule, sched.get("prediction_type", "epsilon"), config["scaling_factor"],
+                   int(latent_size) * vae.downsampling_factor, unet_config, config)
+
+    @classmethod
     def _from_lightning_checkpoint(cls, path: Path, use_ema: bool) -> "LatentDiffusionPipeline":
         from ldm.models.latent_diffusion import LatentDiffusion
 
@@ -104,11 +125,51 @@ class LatentDiffusionPipeline:
         return cls(model.unet, model.autoencoder, model.text_encoder, model.schedule, model.prediction_type,
                    float(model.scaling_factor), image_size, model.unet_config, vae_config)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the folder format ``from_pretrained`` reads (safetensors and JSON)."""
-        vae_config = {**self.vae_config, "scaling_factor": self.scaling_factor, "disc_weight": 0.0}
-        return write_pipeline_folder(path, self.unet_config, self.unet.state_dict(), vae_config, self.vae.state_dict(),
-                                     self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size)
+    def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
+        """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
+        loads) or ``sd`` (an original single-file ``.safetensors`` checkpoint)."""
+        if format == "ldm":
+            vae_config = {**self.vae_config, "scaling_factor": self.scaling_factor, "disc_weight": 0.0}
+            return write_pipeline_folder(path, self.unet_config, self.unet.state_dict(), vae_config, self.vae.state_dict(),
+                                         self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size)
+        if format == "diffusers":
+            from ldm.interop import write_diffusers_folder
+
+            return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), _vae_kwargs(self.vae_config),
+                                          self.text_encoder.model, self.text_encoder.tokenizer, self.schedule.to_diffusers_scheduler_config(),
+                                          scheduler_class="DPMSolverMultistepScheduler", prediction_type=self.prediction_type,
+                                          vae_scaling_factor=self.scaling_factor, sample_size=self.sample_size // self.vae.downsampling_factor)
+        if format == "sd":
+            from ldm.interop import save_sd_checkpoint
+
+            path = Path(path)
+            if path.suffix != ".safetensors":
+                raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
+            return save_sd_checkpoint(path, self.unet.state_dict(), self.vae.state_dict(), self.text_encoder.model.state_dict())
+        raise ValueError(f"format must be 'ldm', 'diffusers' or 'sd', got {format!r}")
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> "LatentDiffusionPipeline":
+        """Load a LoRA adapter file (ours or diffusers' layout) onto the UNet (and text encoder when it has one)."""
+        from ldm.nn.lora import load_lora
+
+        load_lora(self, path, scale=scale)
+        return self
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Change the strength of loaded adapters (0 = the base model)."""
+        from ldm.nn.lora import set_lora_scale
+
+        for module in (self.unet, self.text_encoder):
+            set_lora_scale(module, scale)
+
+    def merge_lora(self) -> None:
+        """Fold loaded adapters into the base weights (faster inference; no more scale changes)."""
+        from ldm.nn.lora import lora_layers, merge_lora
+
+        for module in (self.unet, self.text_encoder):
+            if lora_layers(module):
+                merge_lora(module)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
         """Move to ``device``; ``dtype`` applies to the UNet and text encoder (the VAE stays fp32 for a clean decode)."""
@@ -275,9 +336,16 @@ class LatentDiffusionPipeline:
         return torch.cat([decode(p) for p in parts]).clamp(-1, 1)
 
 
+def _vae_kwargs(config: dict) -> dict:
+    """KLAutoencoder keyword arguments from an AutoencoderKL-style (or KLAutoencoder) config."""
+    kwargs = {k: config[k] for k in _VAE_ARGS if k in config}
+    kwargs["out_channels"] = config.get("out_channels", config.get("in_channels", 3))
+    kwargs["embed_dim"] = config.get("embed_dim", config.get("z_channels", 4))
+    return kwargs
+
+
 def _build_vae(config: dict) -> KLAutoencoder:
-    return KLAutoencoder(**{k: config[k] for k in _VAE_ARGS if k in config}, out_channels=config.get("in_channels", 3),
-                         embed_dim=config.get("z_channels", 4))
+    return KLAutoencoder(**_vae_kwargs(config))
 
 
 def _expand_negative(negative_prompt: str | list[str] | None, n: int) -> list[str]:

@@ -100,3 +100,9 @@ def run_ddp_script(script: Path, out: Path, timeout: float = 240) -> None:
         output, _ = proc.communicate()
         pytest.fail("DDP run hung:\n" + output[-3000:])
     assert proc.returncode == 0, output[-5000:]
+
+
+@pytest.fixture(scope="session")
+def diffusers():
+    """diffusers, the test-only oracle (never imported by ldm itself)."""
+    return pytest.importorskip("diffusers")
