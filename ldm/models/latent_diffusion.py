@@ -11,7 +11,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ldm.diffusion import NoiseSchedule, loss_weights, normalize_prediction_type, offset_noise, training_target
 from ldm.models.autoencoder import AutoencoderKL
@@ -258,10 +257,10 @@ class LatentDiffusion(pl.LightningModule):
             tensors=list(self.autoencoder.encoder.state_dict().values()) + list(self.autoencoder.quant_conv.state_dict().values()),
         )
         device = strategy.root_device
+        self.autoencoder.to(device)
 
         def encode(indices: list[int]) -> dict[str, torch.Tensor]:
             images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
-            self.autoencoder.to(device)
             with torch.no_grad():
                 return {"moments": self.autoencoder.encode(images).moments.float()}
 
@@ -275,10 +274,9 @@ class LatentDiffusion(pl.LightningModule):
         captions = sorted({c for r in dataset.records for c in r.captions} | {""})
         te = self.text_encoder
         key = fingerprint("text", captions, te.layer, tensors=list(te.state_dict().values()))
-        device = strategy.root_device
+        te.to(strategy.root_device)
 
         def encode(indices: list[int]) -> dict[str, torch.Tensor]:
-            te.to(device)
             with torch.no_grad():
                 return {"context": te.encode([captions[i] for i in indices]).float()}
 
