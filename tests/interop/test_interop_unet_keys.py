@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interop_helpers import TINY_V1, TINY_V2, randomize_
+from interop_helpers import SD2_DIFFUSERS, SD15_DIFFUSERS, TINY_V1, TINY_V2, randomize_
 
 from ldm.interop.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
 from ldm.nn.unet import UNetModel
 
-SD15_DIFFUSERS = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD2_DIFFUSERS = dict(SD15_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 SD15_OURS = dict(
     in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
     attention_resolutions=(1, 2, 4), context_dim=768, transformer_depth=1, use_linear_in_transformer=False,

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from interop_helpers import randomize_
 from ldm.nn.lora import (
     TEXT_ENCODER_TARGETS,
     add_lora,
@@ -48,15 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Small random values everywhere (the UNet zero-initialises its residual branches)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def base_unet(seed: int = 0) -> UNetModel:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldm.interop.unet_keys import diffusers_to_ldm_unet
+from interop_helpers import SD2_DIFFUSERS, SD15_DIFFUSERS, TINY_UNET_DIFFUSERS, randomize_
 from ldm.nn.unet import UNetModel
 from ldm.nn.unet_blocks import timestep_embedding
 
@@ -23,27 +24,6 @@ TINY_V2 = dict(
     use_linear_in_transformer=True,
 )
 
-SD15_DIFFUSERS = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD2_DIFFUSERS = dict(SD15_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter small random values (the UNet zero-initialises its residual branches)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def squeezed_shapes(model: torch.nn.Module) -> Counter:
@@ -120,18 +100,7 @@ def test_full_size_parameter_shapes_match_diffusers(ours, theirs, expected_count
 def test_outputs_match_diffusers_with_copied_weights(ours, theirs):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    reference = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        norm_num_groups=32,
-        **theirs,
-    )
+    reference = diffusers.UNet2DConditionModel(**TINY_UNET_DIFFUSERS, **theirs)
     randomize_(reference).eval()
     unet = UNetModel(**ours).eval()
     unet.load_state_dict(diffusers_to_ldm_unet(reference.state_dict(), ours), strict=True)

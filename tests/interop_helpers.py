@@ -1,9 +1,22 @@
-"""Tiny model configurations and helpers shared by the interop tests (random weights, fp32)."""
+"""diffusers model configurations (tiny ones and the published SD 1.5/2.x UNets) and helpers shared by the tests."""
 
 from __future__ import annotations
 
 import torch
 
+# The published SD 1.5 and SD 2.x UNet configs (built on the meta device only).
+SD15_DIFFUSERS = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD2_DIFFUSERS = dict(SD15_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 TINY_UNET_DIFFUSERS = dict(
     sample_size=8,
     in_channels=4,
