@@ -31,6 +31,10 @@ _VAE_ARGS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions
 _STOCHASTIC = ("ddpm", "euler_a")
 
 
+def _is_stochastic(sampler: str, eta: float) -> bool:
+    return sampler in _STOCHASTIC or (sampler == "ddim" and eta > 0)
+
+
 @dataclass
 class PipelineOutput:
     """Generated images (PIL list, numpy array or tensor, per ``output_type``) and the seed of each."""
@@ -274,7 +278,7 @@ class LatentDiffusionPipeline:
         start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
 
         # Deterministic samplers run the batch at once; stochastic ones image by image (each on its own seed).
-        groups = [list(range(len(prompts)))] if sampler not in _STOCHASTIC and not (sampler == "ddim" and eta > 0) else [[i] for i in range(len(prompts))]
+        groups = [[i] for i in range(len(prompts))] if _is_stochastic(sampler, eta) else [list(range(len(prompts)))]
         bar = tqdm(total=len(groups) * (num_inference_steps - start_step), disable=not progress, desc="sampling")
         latents = []
         for group in groups:

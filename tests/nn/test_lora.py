@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from interop_helpers import randomize_
+from interop_helpers import TINY_UNET_DIFFUSERS, randomize_
 from ldm.nn.lora import (
     TEXT_ENCODER_TARGETS,
     add_lora,
@@ -28,15 +28,10 @@ from ldm.nn.unet import UNetModel
 TINY = dict(
     model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=8, context_dim=16, norm_groups=8
 )
-TINY_DIFFUSERS = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
+TINY_DIFFUSERS = dict(  # the shared tiny config, with attention at both levels as in TINY
+    TINY_UNET_DIFFUSERS,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    cross_attention_dim=16,
     attention_head_dim=8,  # diffusers' SD naming: this is the number of heads
     norm_num_groups=8,
 )
