@@ -200,12 +200,46 @@ def _evaluate_main(args: list[str]) -> None:
     digits.add_argument("--per-digit", type=int, default=10, help="samples per digit")
     digits.add_argument("--seed", type=int, default=0, help="first seed")
     digits.add_argument("--out", default="outputs/demo_samples.png", help="PNG grid: one row per digit 0..9")
+    mirrored = sub.add_parser("mirrored", help="'a mirrored digit N' vs 'a handwritten digit N' judged by digit and orientation")
+    mirrored.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
+    mirrored.add_argument("--lora", default=None, help="LoRA adapter (.safetensors) to load onto the model")
+    mirrored.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
+    mirrored.add_argument("--steps", type=int, default=20, help="sampler steps")
+    mirrored.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    mirrored.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    mirrored.add_argument("--per-digit", type=int, default=10, help="samples per prompt (digits 2-7, 9; mirrored and normal)")
+    mirrored.add_argument("--seed", type=int, default=0, help="first seed (shared by the mirrored and normal prompt of a digit)")
+    mirrored.add_argument("--batch-size", type=int, default=100, help="images per pipeline call")
+    mirrored.add_argument("--grid", default="outputs/mirrored_samples.png", help="PNG grid: mirrored prompts' rows, then normal")
     ns = parser.parse_args(args)
 
-    from ldm.evaluation.digit_accuracy import evaluate_digit_prompts
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(ns.model)
+    if ns.task == "mirrored":
+        import json
+
+        from ldm.evaluation.mirrored_digits import evaluate_mirrored_prompts
+
+        if ns.lora is not None:
+            pipe.load_lora(ns.lora, scale=ns.lora_scale)
+        result = evaluate_mirrored_prompts(pipe, ns.steps, ns.guidance, ns.sampler, ns.per_digit, ns.seed, ns.grid, ns.batch_size)
+        adapter = f"LoRA {ns.lora} x{ns.lora_scale}" if ns.lora else "no LoRA"
+        print(f"{ns.model} ({adapter}; {ns.sampler}, {ns.steps} steps, guidance {ns.guidance}), {result['samples']} samples:")
+        for kind in ("mirrored", "normal"):
+            print(
+                f"  {kind:8s} prompts: {100 * result[kind + '_accuracy']:.1f}% right digit and orientation "
+                f"(right digit {100 * result['right_digit'][kind + '_prompts']:.1f}%, "
+                f"judged mirrored {100 * result['judged_mirrored'][kind + '_prompts']:.1f}%); per digit: "
+                + " ".join(f"{d}:{100 * a:.0f}%" for d, a in zip(result["digits"], result["per_digit"][kind]))
+            )
+        print(f"judge accuracy on held-out real digits and mirror images: {100 * result['judge_accuracy']:.1f}%")
+        print(f"Wrote the sample grid (rows: 'a mirrored digit d', then 'a handwritten digit d') to {ns.grid}")
+        print(json.dumps({"model": ns.model, "lora": ns.lora, "lora_scale": ns.lora_scale if ns.lora else None, **result}))
+        return
+
+    from ldm.evaluation.digit_accuracy import evaluate_digit_prompts
+
     result = evaluate_digit_prompts(pipe, ns.steps, ns.guidance, ns.sampler, ns.per_digit, ns.seed, ns.out)
     print(
         f"prompt accuracy {100 * result['accuracy']:.1f}% over {result['samples']} samples "
@@ -234,12 +268,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(
             "usage: ldm {fit,validate,test,predict} --config CONFIG [...]   train/evaluate (LightningCLI; --help lists every knob)\n"
-            "       ldm data prepare {digits,shapes} --out DIR             write a bundled dataset\n"
+            "       ldm data prepare {digits,mirrored_digits,shapes} --out DIR  write a bundled dataset\n"
             "       ldm data tokenizer ROOT --out DIR                      train a CLIP-style tokenizer on captions\n"
             "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid\n"
             "       ldm generate PROMPT --model DIR [--steps 25 --seed 0]  text-to-image (img2img/inpainting: --init-image, --mask)\n"
             "       ldm convert SRC DST --to ldm|diffusers|sd              convert between model formats\n"
-            "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo",
+            "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo\n"
+            "       ldm evaluate mirrored --model DIR [--lora FILE]        'a mirrored digit N': digit + orientation accuracy",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )
         if args and args[0] not in ("-h", "--help"):

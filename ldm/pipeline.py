@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ldm.diffusion import SAMPLERS, NoiseSchedule, noise_to_step, sample
 from ldm.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
-from ldm.models.pretrained import load_weights, read_model_folder, write_pipeline_folder
+from ldm.models.components import ModelComponents, load_components, vae_kwargs
+from ldm.models.pretrained import write_pipeline_folder
 from ldm.models.sampling import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
@@ -25,7 +25,6 @@ from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 from ldm.pipeline_memory import tiled_decode
 
-_VAE_ARGS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "dropout", "mid_attention", "norm_groups")
 # Samplers that draw fresh noise at every step: for these, images of a batch are sampled one by one so
 # that each image depends only on its own seed.
 _STOCHASTIC = ("ddpm", "euler_a")
@@ -40,7 +39,7 @@ class PipelineOutput:
     """Generated images (PIL list, numpy array or tensor, per ``output_type``) and the seed of each."""
 
     images: Any
-    seeds: list[int]
+    seeds: list[int | None]
 
 
 class LatentDiffusionPipeline:
@@ -48,86 +47,43 @@ class LatentDiffusionPipeline:
 
     def __init__(self, unet: UNetModel, vae: KLAutoencoder, text_encoder: TextEncoder, schedule: NoiseSchedule,
                  prediction_type: str, scaling_factor: float, sample_size: int | None = None,
-                 unet_config: dict | None = None, vae_config: dict | None = None):
+                 unet_config: dict | None = None, vae_config: dict | None = None, steps_offset: int = 0,
+                 timestep_spacing: str = "leading"):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, float(scaling_factor)
         self.sample_size = sample_size or 64 * vae.downsampling_factor
         self.unet_config, self.vae_config = unet_config or {}, vae_config or {}
         self.vae_slicing = False
         self.vae_tile_size: int | None = None
+        # Timestep conventions of the model's scheduler (diffusers' SD folders: steps_offset 1).
+        self.steps_offset, self.timestep_spacing = int(steps_offset), timestep_spacing
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        use_ema: bool = True) -> "LatentDiffusionPipeline":
-        """Load an exported folder (``model_index.json`` at its top) or a Lightning ``.ckpt`` of ``LatentDiffusion``
-        (its EMA weights unless ``use_ema=False``)."""
-        path = Path(path)
-        if path.is_file() and path.suffix == ".ckpt":
-            pipe = cls._from_lightning_checkpoint(path, use_ema)
-        elif (path / "model_index.json").is_file():
-            index = json.loads((path / "model_index.json").read_text())
-            pipe = cls._from_folder(path) if index.get("_class_name") == "LatentDiffusionPipeline" else cls._from_diffusers(path)
-        else:
-            raise FileNotFoundError(
-                f"{path} is neither a model folder with model_index.json (ldm's export or a diffusers Stable Diffusion "
-                "folder) nor a Lightning .ckpt of LatentDiffusion; pass e.g. checkpoints/demo or logs/.../last.ckpt"
-            )
-        return pipe.to(device, dtype)
+                        use_ema: bool = True, prediction_type: str | None = None,
+                        tokenizer: str | Path | None = None) -> "LatentDiffusionPipeline":
+        """Load a model in any layout ldm reads, detected from ``path``: our exported folder, a diffusers Stable
+        Diffusion folder, a Lightning ``.ckpt`` of ``LatentDiffusion`` or an original SD single file
+        (``.safetensors``/``.ckpt``, v1/v2/inpainting).
+
+        Args:
+            path: The model.
+            device: Where to put it.
+            dtype: UNet and text-encoder dtype (the VAE stays fp32).
+            use_ema: EMA weights of a Lightning checkpoint or SD file, when present.
+            prediction_type: ``epsilon`` or ``v_prediction``, overriding the stored one (an SD 2.x 768-v single
+                file needs ``v_prediction``).
+            tokenizer: Tokenizer folder (or hub id) for an SD single file, which holds none.
+        """
+        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer)
+        return cls.from_components(parts).to(device, dtype)
 
     @classmethod
-    def _from_folder(cls, folder: Path) -> "LatentDiffusionPipeline":
-        index = json.loads((folder / "model_index.json").read_text())
-        unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
-        unet_config.pop("_class_name")
-        unet = UNetModel(**unet_config)
-        unet.load_state_dict(load_weights(folder / "unet", "model.safetensors"))
-        vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
-        vae = _build_vae(vae_config)
-        vae.load_state_dict(load_weights(folder / "vae", "model.safetensors"))
-        text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer"))
-        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        prediction_type = sched.pop("prediction_type", "epsilon")
-        sched.pop("_class_name", None)
-        return cls(unet, vae, text_encoder, NoiseSchedule.from_config(sched), prediction_type,
-                   vae_config.get("scaling_factor", 1.0), index.get("sample_size"), unet_config, vae_config)
-
-    @classmethod
-    def _from_diffusers(cls, folder: Path) -> "LatentDiffusionPipeline":
-        from ldm.interop import load_diffusers_folder, read_vae_scaling_factor
-
-        unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = load_diffusers_folder(folder)
-        if text_path is None or tok_path is None:
-            raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
-        unet = UNetModel(**unet_config)
-        unet.load_state_dict(unet_state)
-        vae = KLAutoencoder(**vae_config)
-        vae.load_state_dict(vae_state)
-        # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
-        text_encoder = TextEncoder.from_pretrained(str(folder), layer="last")
-        sched = sched or {}
-        schedule = NoiseSchedule.from_diffusers_scheduler_config(sched)
-        config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
-        latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
-        return cls(unet, vae, text_encoder, schedule, sched.get("prediction_type", "epsilon"), config["scaling_factor"],
-                   int(latent_size) * vae.downsampling_factor, unet_config, config)
-
-    @classmethod
-    def _from_lightning_checkpoint(cls, path: Path, use_ema: bool) -> "LatentDiffusionPipeline":
-        from ldm.models.latent_diffusion import LatentDiffusion
-
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        if "unet" not in hparams or "autoencoder" not in hparams:
-            raise ValueError(f"{path} is not a LatentDiffusion checkpoint (no unet/autoencoder hyper-parameters)")
-        model = LatentDiffusion(**hparams)
-        state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
-        model.load_state_dict(state)
-        image_size = ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
-        vae_config = json.loads((Path(hparams["autoencoder"]) / "config.json").read_text())
-        vae_config["scaling_factor"] = float(model.scaling_factor)
-        return cls(model.unet, model.autoencoder, model.text_encoder, model.schedule, model.prediction_type,
-                   float(model.scaling_factor), image_size, model.unet_config, vae_config)
+    def from_components(cls, parts: ModelComponents) -> "LatentDiffusionPipeline":
+        """A pipeline over already-loaded :class:`~ldm.models.components.ModelComponents`."""
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.prediction_type, parts.scaling_factor,
+                   parts.sample_size, parts.unet_config, parts.vae_config, parts.steps_offset, parts.timestep_spacing)
 
     def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
         """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
@@ -139,17 +95,21 @@ class LatentDiffusionPipeline:
         if format == "diffusers":
             from ldm.interop import write_diffusers_folder
 
-            return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), _vae_kwargs(self.vae_config),
-                                          self.text_encoder.model, self.text_encoder.tokenizer, self.schedule.to_diffusers_scheduler_config(),
+            return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), vae_kwargs(self.vae_config),
+                                          self.text_encoder.model, self.text_encoder.tokenizer,
+                                          {**self.schedule.to_diffusers_scheduler_config(), "steps_offset": self.steps_offset,
+                                           "timestep_spacing": self.timestep_spacing},
                                           scheduler_class="DPMSolverMultistepScheduler", prediction_type=self.prediction_type,
                                           vae_scaling_factor=self.scaling_factor, sample_size=self.sample_size // self.vae.downsampling_factor)
         if format == "sd":
-            from ldm.interop import save_sd_checkpoint
+            from ldm.interop.sd_single_file import write_sd_single_file
 
             path = Path(path)
             if path.suffix != ".safetensors":
                 raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
-            return save_sd_checkpoint(path, self.unet.state_dict(), self.vae.state_dict(), self.text_encoder.model.state_dict())
+            return write_sd_single_file(path, self.unet, self.unet_config, self.vae, vae_kwargs(self.vae_config), self.text_encoder,
+                                        self.schedule.to_config(), self.prediction_type, self.scaling_factor, self.sample_size,
+                                        self.steps_offset, self.timestep_spacing)
         raise ValueError(f"format must be 'ldm', 'diffusers' or 'sd', got {format!r}")
 
     # ------------------------------------------------------------------ LoRA
@@ -211,8 +171,12 @@ class LatentDiffusionPipeline:
                  num_images_per_prompt: int = 1, seed: int | list[int] | None = None, generator: torch.Generator | None = None,
                  eta: float = 0.0, guidance_rescale: float = 0.0, output_type: str = "pil", progress: bool = True,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None, karras_sigmas: bool = False,
-                 timestep_spacing: str = "leading") -> PipelineOutput:
-        """Text to image. ``seed``: an int (image i gets seed + i) or one per image; returns images and seeds."""
+                 timestep_spacing: str | None = None) -> PipelineOutput:
+        """Text to image; returns images and seeds.
+
+        ``seed``: an int (image i gets seed + i) or one per image. ``generator``: instead of a seed, draw the
+        whole batch's noise from it, as diffusers does (the reported seeds are then ``None``).
+        ``timestep_spacing``: ``leading``, ``trailing`` or ``linspace``; ``None`` uses the model's scheduler's."""
         args = {k: v for k, v in locals().items() if k != "self"}
         args["height"], args["width"] = self._check_size(height, width)
         return self._run(**args)
@@ -248,7 +212,7 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def _run(self, prompt, negative_prompt=None, num_inference_steps=25, guidance_scale=5.0, sampler="dpmpp_2m", height=None,
              width=None, num_images_per_prompt=1, seed=None, generator=None, eta=0.0, guidance_rescale=0.0, output_type="pil",
-             progress=True, callback=None, karras_sigmas=False, timestep_spacing="leading", init_image=None, strength=1.0,
+             progress=True, callback=None, karras_sigmas=False, timestep_spacing=None, init_image=None, strength=1.0,
              mask=None, paste_unmasked=True) -> PipelineOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -265,6 +229,7 @@ class LatentDiffusionPipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         seeds = _seeds_for(seed, len(prompts), generator)
+        timestep_spacing = timestep_spacing or self.timestep_spacing
 
         f = self.vae.downsampling_factor
         shape = (self.vae.latent_channels, height // f, width // f)
@@ -304,9 +269,9 @@ class LatentDiffusionPipeline:
                 z = sub_known
             else:
                 x = noise if sub_known is None else noise_to_step(sampler, sub_known, noise, self.schedule, num_inference_steps,
-                                                                  start_step, timestep_spacing, karras_sigmas)
+                                                                  start_step, timestep_spacing, karras_sigmas, self.steps_offset)
                 z = sample(sampler, denoiser, x, self.schedule, num_inference_steps, prediction_type=self.prediction_type,
-                           spacing=timestep_spacing, karras=karras_sigmas, eta=eta, generator=gen,
+                           spacing=timestep_spacing, karras=karras_sigmas, eta=eta, generator=gen, steps_offset=self.steps_offset,
                            callback=step_callback, start_step=start_step)
             if latent_mask is not None:
                 z = latent_mask * z + (1 - latent_mask) * sub_known
@@ -340,18 +305,6 @@ class LatentDiffusionPipeline:
         return torch.cat([decode(p) for p in parts]).clamp(-1, 1)
 
 
-def _vae_kwargs(config: dict) -> dict:
-    """KLAutoencoder keyword arguments from an AutoencoderKL-style (or KLAutoencoder) config."""
-    kwargs = {k: config[k] for k in _VAE_ARGS if k in config}
-    kwargs["out_channels"] = config.get("out_channels", config.get("in_channels", 3))
-    kwargs["embed_dim"] = config.get("embed_dim", config.get("z_channels", 4))
-    return kwargs
-
-
-def _build_vae(config: dict) -> KLAutoencoder:
-    return KLAutoencoder(**_vae_kwargs(config))
-
-
 def _expand_negative(negative_prompt: str | list[str] | None, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n
@@ -362,10 +315,13 @@ def _expand_negative(negative_prompt: str | list[str] | None, n: int) -> list[st
     return list(negative_prompt)
 
 
-def _seeds_for(seed: int | list[int] | None, n: int, generator: torch.Generator | None) -> list[int]:
+def _seeds_for(seed: int | list[int] | None, n: int, generator: torch.Generator | None) -> list[int | None]:
+    if generator is not None:
+        if seed is not None:
+            raise ValueError("give seed or generator, not both (a generator's noise does not follow the seeds)")
+        return [None] * n  # the noise comes from the generator, untouched here, as in diffusers
     if seed is None:
-        source = generator if generator is not None else None
-        return torch.randint(0, 2**31 - 1, (n,), generator=source).tolist()
+        return torch.randint(0, 2**31 - 1, (n,)).tolist()
     if isinstance(seed, int):
         return [seed + i for i in range(n)]
     seeds = list(seed)

@@ -162,3 +162,71 @@ def _projection_dim(state_dict: Mapping[str, torch.Tensor], default: int) -> int
         if key.endswith("text_projection") and value.ndim == 2:
             return int(value.shape[1])
     return default
+
+
+def transformers_to_openclip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``CLIPTextModel`` weights (v4 or v5 keys) -> OpenCLIP text-tower keys (SD v2 ``cond_stage_model.model.*``
+    without the ``cond_stage_model.`` prefix): q/k/v fused into ``attn.in_proj_*``; no ``text_projection``
+    (a ``CLIPTextModel`` has none, and SD v2 conditions on hidden states, not on the projection).
+
+    Raises:
+        KeyError: for keys that are not CLIP text-model keys.
+    """
+    src = {_strip(k, "text_model."): v for k, v in state_dict.items() if _strip(k, "text_model.") not in _DROPPED_V1}
+    top = {v: k for k, v in _OPENCLIP_TOP.items()}
+    layer_names = {v: k for k, v in _OPENCLIP_LAYER.items()}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in src.items():
+        if key in top:
+            out["model." + top[key]] = value
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None:
+            unknown.append(key)
+            continue
+        n, name, kind = int(m[1]), m[2], m[3]
+        if name in layer_names:
+            out[f"model.transformer.resblocks.{n}.{layer_names[name]}.{kind}"] = value
+        elif name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            fused.setdefault((n, kind), {})[name[-6]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"{len(unknown)} key(s) are not CLIP text-model keys, e.g. {unknown[:5]}")
+    for (n, kind), parts in fused.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise KeyError(f"layer {n} lacks some of q/k/v_proj.{kind} (has {sorted(parts)})")
+        out[f"model.transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def clip_config_from_state(state_dict: Mapping[str, torch.Tensor], hidden_act: str = "quick_gelu", head_width: int = 64) -> CLIPTextConfig:
+    """A ``CLIPTextConfig`` inferred from ``CLIPTextModel`` weights (v4 or v5 keys).
+
+    Shapes give the vocabulary, width, depth, MLP width and positions; they cannot give the head count
+    (``width // head_width``, OpenAI's and OpenCLIP's 64-channel heads; one head when the width is not
+    a multiple) or the activation (``quick_gelu`` for OpenAI CLIP, SD v1; ``gelu`` for OpenCLIP, SD v2).
+
+    Raises:
+        KeyError: if the token/position embeddings or layer weights are missing.
+    """
+    src = {_strip(k, "text_model."): v for k, v in state_dict.items()}
+    for key in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight", "encoder.layers.0.mlp.fc1.weight"):
+        if key not in src:
+            raise KeyError(f"CLIP text-model key {key!r} is missing ({len(src)} keys, e.g. {sorted(src)[:5]})")
+    vocab, width = src["embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(m[1]) for k in src if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    return CLIPTextConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(width),
+        intermediate_size=int(src["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        num_hidden_layers=layers,
+        num_attention_heads=width // head_width if width % head_width == 0 else 1,
+        max_position_embeddings=int(src["embeddings.position_embedding.weight"].shape[0]),
+        hidden_act=hidden_act,
+        bos_token_id=int(vocab) - 2,
+        eos_token_id=int(vocab) - 1,
+        pad_token_id=int(vocab) - 1,
+    )

@@ -244,8 +244,9 @@ def save_sd_checkpoint(
         path: Output file; must end in ``.safetensors``.
         unet_sd: Our ``UNetModel`` state dict (written under ``model.diffusion_model.``).
         vae_sd: Our ``KLAutoencoder`` state dict (``first_stage_model.``).
-        clip_sd_v1_layout: Text encoder, either already in SD v1 layout (``transformer.text_model.*``)
-            or a ``CLIPTextModel`` state dict (converted); ``None`` writes no text encoder.
+        clip_sd_v1_layout: Text encoder, either already in an SD layout (v1 ``transformer.text_model.*``,
+            v2 OpenCLIP ``model.*``) or a ``CLIPTextModel`` state dict (converted to the v1 layout);
+            ``None`` writes no text encoder.
         metadata: Extra string metadata for the safetensors header.
 
     Returns:
@@ -260,7 +261,7 @@ def save_sd_checkpoint(
     tensors.update({VAE_PREFIX + k: v for k, v in vae_sd.items()})
     if clip_sd_v1_layout is not None:
         clip = dict(clip_sd_v1_layout)
-        if not all(k.startswith("transformer.") for k in clip):
+        if not (all(k.startswith("transformer.") for k in clip) or all(k.startswith("model.") for k in clip)):
             clip = transformers_to_sd_v1_clip(clip)
         tensors.update({TEXT_PREFIX + k: v for k, v in clip.items()})
     out_path.parent.mkdir(parents=True, exist_ok=True)

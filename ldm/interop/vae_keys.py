@@ -170,3 +170,40 @@ def vae_config_to_diffusers(config: Mapping[str, Any], scaling_factor: float = 0
         "scaling_factor": scaling_factor,
         "mid_block_add_attention": bool(c["mid_attention"]),
     }
+
+
+def vae_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], resolution: int = 256) -> dict[str, Any]:
+    """Our ``KLAutoencoder`` keyword arguments inferred from its weights (SD ``first_stage_model.*`` names).
+
+    Shapes give the channels, levels, blocks per level, latent width and where attention sits; the
+    GroupNorm group count cannot be seen and is SD's 32 (and the dropout 0). ``resolution`` only places
+    ``attn_resolutions`` (SD's VAE has attention in its middle block only).
+
+    Raises:
+        KeyError: naming the missing key when the weights are not a KL autoencoder's.
+    """
+    def need(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise KeyError(f"VAE key {key!r} is missing: not an SD KL autoencoder ({len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})")
+        return state_dict[key]
+
+    conv_in = need("encoder.conv_in.weight")
+    ch, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
+    ch_mult = []
+    for level in range(levels):
+        ch_mult.append(int(need(f"encoder.down.{level}.block.0.conv2.weight").shape[0]) // ch)
+    num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
+    attn = [resolution // 2**level for level in range(levels) if f"encoder.down.{level}.attn.0.q.weight" in state_dict]
+    return {
+        "in_channels": in_channels,
+        "out_channels": int(need("decoder.conv_out.weight").shape[0]),
+        "ch": ch,
+        "ch_mult": tuple(ch_mult),
+        "num_res_blocks": num_res_blocks,
+        "attn_resolutions": tuple(attn),
+        "resolution": resolution,
+        "z_channels": int(need("decoder.conv_in.weight").shape[1]),
+        "embed_dim": int(need("post_quant_conv.weight").shape[0]),
+        "mid_attention": "encoder.mid.attn_1.q.weight" in state_dict,
+    }

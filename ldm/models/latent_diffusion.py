@@ -9,16 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import WeightAveraging
 import torch
 import torch.nn.functional as F
 
 from ldm.diffusion import NoiseSchedule, loss_weights, normalize_prediction_type, offset_noise, training_target
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.components import load_components
 from ldm.models.image_logging import log_image_grid
 from ldm.models.latent_cache import CachedLatentDataset, build_or_load_shards, file_signature, fingerprint
 from ldm.models.pretrained import write_pipeline_folder
 from ldm.models.sampling import sample_latents
 from ldm.nn.distributions import DiagonalGaussianDistribution
+from ldm.nn.lora import DIFFUSERS_LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 
@@ -40,18 +43,25 @@ class LatentDiffusion(pl.LightningModule):
 
     Args:
         autoencoder: Folder written by ``AutoencoderKL.save_pretrained`` (frozen; its scaling factor is used).
+            Not needed with ``init_from``.
         unet: Keyword arguments of :class:`ldm.nn.unet.UNetModel` (``context_dim`` is filled in from the
-            text encoder when left out).
+            text encoder when left out). Not needed with ``init_from``.
+        init_from: Fine-tune: start from this model (an SD single file ``.safetensors``/``.ckpt``, a diffusers
+            folder, an ldm export or a LatentDiffusion ``.ckpt``); its UNet, VAE, text encoder, schedule and
+            prediction type are used and ``autoencoder``/``unet``/``text_encoder`` must be left out.
+        init_from_ema: Take the EMA weights of ``init_from`` when it has them.
         text_encoder: A pretrained CLIP text model to load with ``from_pretrained`` (a hub name such as
             ``openai/clip-vit-large-patch14`` where the network allows, or a local folder). When None,
             a small CLIP text model is built from ``text_encoder_config`` with the tokenizer in ``tokenizer``.
         tokenizer: Tokenizer folder for the small CLIP built when ``text_encoder`` is None
-            (``ldm data tokenizer`` writes one).
+            (``ldm data tokenizer`` writes one); with ``init_from`` an SD single file, its tokenizer
+            (such files hold none; default ``openai/clip-vit-large-patch14``, which needs network).
         text_encoder_config: Size of that small CLIP: ``hidden_size``, ``num_layers``, ``num_heads``.
         text_encoder_layer: ``last`` or ``penultimate`` hidden layer as the context (SD 2.x: penultimate).
         train_text_encoder: Train the text encoder jointly (needed for the small one); frozen otherwise.
-        prediction_type: ``epsilon`` or ``v_prediction``.
-        schedule: Noise schedule kind: ``linear``, ``scaled_linear`` (SD) or ``cosine``.
+        prediction_type: ``epsilon`` or ``v_prediction``; ``None``: that of ``init_from``, else ``epsilon``.
+        schedule: Noise schedule kind: ``linear``, ``scaled_linear`` (SD) or ``cosine``; ``None``: that of
+            ``init_from`` (all its schedule settings), else ``scaled_linear``.
         num_timesteps: Training timesteps.
         beta_start: First beta of the linear/scaled_linear schedule.
         beta_end: Last beta of the linear/scaled_linear schedule.
@@ -72,21 +82,33 @@ class LatentDiffusion(pl.LightningModule):
         val_guidance: Guidance scale for validation samples.
         val_sampler: Sampler for validation samples (``dpmpp_2m`` or ``ddim``).
         val_images_per_prompt: Samples per validation prompt.
+        lora_rank: LoRA rank; 0 trains all UNet weights (full fine-tune), > 0 freezes them and trains peft
+            LoRA adapters on ``lora_targets`` only (fp32 even under mixed precision).
+        lora_alpha: LoRA alpha (update scale ``alpha / rank``); ``None`` means ``lora_rank``.
+        lora_targets: UNet layer names (or suffixes) that get adapters: the attention projections by default.
+        lora_text_encoder: Also put adapters on the text encoder's attention projections (then text
+            embeddings are not cached).
+        lora_dropout: Dropout on the LoRA branch.
+        gradient_checkpointing: Recompute UNet block activations in the backward pass (less memory, ~30% slower).
+        frozen_dtype: Store frozen weights (VAE, frozen text encoder, the UNet base under LoRA) in ``bf16`` or
+            ``fp16`` to save memory; use with ``--trainer.precision bf16-mixed``/``16-mixed``. ``None`` keeps fp32.
         seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
             so a resumed run draws exactly what an uninterrupted one would).
     """
 
     def __init__(
         self,
-        autoencoder: str,
-        unet: dict[str, Any],
+        autoencoder: str | None = None,
+        unet: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        init_from_ema: bool = True,
         text_encoder: str | None = None,
         tokenizer: str | None = None,
         text_encoder_config: dict[str, int] | None = None,
         text_encoder_layer: str = "last",
         train_text_encoder: bool = False,
-        prediction_type: str = "epsilon",
-        schedule: str = "scaled_linear",
+        prediction_type: str | None = None,
+        schedule: str | None = None,
         num_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
@@ -107,6 +129,13 @@ class LatentDiffusion(pl.LightningModule):
         val_guidance: float = 5.0,
         val_sampler: str = "dpmpp_2m",
         val_images_per_prompt: int = 1,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] = list(UNET_TARGETS),  # noqa: B006
+        lora_text_encoder: bool = False,
+        lora_dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        frozen_dtype: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -115,34 +144,87 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"loss_weighting={loss_weighting!r}; use 'uniform' or 'min_snr'")
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1]")
-        self.prediction_type = normalize_prediction_type(prediction_type)
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 = full fine-tune)")
+        if frozen_dtype not in (None, "bf16", "fp16"):
+            raise ValueError(f"frozen_dtype={frozen_dtype!r}; use 'bf16', 'fp16' or leave it out")
 
+        if init_from is not None:
+            self._init_from_model(init_from, init_from_ema, tokenizer, text_encoder_layer, autoencoder, unet, text_encoder,
+                                  prediction_type, schedule)
+        else:
+            self._build_new(autoencoder, unet, text_encoder, tokenizer, text_encoder_config, text_encoder_layer, prediction_type,
+                            schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr)
+        if not train_text_encoder:
+            self.text_encoder.freeze()
+        if lora_rank > 0:
+            add_lora(self.unet, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets, dropout=lora_dropout)
+            if lora_text_encoder:
+                add_lora(self.text_encoder.model, rank=lora_rank, alpha=lora_alpha, target_modules=TEXT_ENCODER_TARGETS,
+                         dropout=lora_dropout)
+        elif lora_text_encoder:
+            raise ValueError("lora_text_encoder needs lora_rank > 0")
+        if frozen_dtype is not None:
+            self._cast_frozen({"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype])
+        if gradient_checkpointing:
+            self.unet.set_gradient_checkpointing(True)
+        self._text_cache: dict[str, torch.Tensor] | None = None
+
+    def _build_new(self, autoencoder, unet, text_encoder, tokenizer, text_encoder_config, text_encoder_layer, prediction_type,
+                   schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr) -> None:
+        if autoencoder is None or unet is None:
+            raise ValueError("give autoencoder (a VAE folder) and unet (its config) to train a new model, or init_from "
+                             "(an SD checkpoint, diffusers folder or ldm model) to fine-tune")
+        self.prediction_type = normalize_prediction_type(prediction_type or "epsilon")
         vae = AutoencoderKL.from_pretrained(autoencoder, disc_weight=0.0)
         self.autoencoder = vae.vae.eval().requires_grad_(False)
+        self.vae_config = json.loads((Path(autoencoder) / "config.json").read_text())
         self.register_buffer("scaling_factor", vae.scaling_factor.clone())
-
         if text_encoder is not None:
             self.text_encoder = TextEncoder.from_pretrained(text_encoder, layer=text_encoder_layer)
         elif tokenizer is not None:
             self.text_encoder = TextEncoder.from_config(tokenizer, layer=text_encoder_layer, **(text_encoder_config or {}))
         else:
             raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
-        if not train_text_encoder:
-            self.text_encoder.freeze()
-
         unet_args = {"context_dim": self.text_encoder.hidden_size, "in_channels": self.autoencoder.latent_channels,
                      "out_channels": self.autoencoder.latent_channels, **unet}
         self.unet_config = unet_args
         self.unet = UNetModel(**unet_args)
-        self.schedule = NoiseSchedule(schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr)
-        self._text_cache: dict[str, torch.Tensor] | None = None
+        self.schedule = NoiseSchedule(schedule or "scaled_linear", num_timesteps, beta_start, beta_end, zero_terminal_snr)
+
+    def _init_from_model(self, path, use_ema, tokenizer, layer, autoencoder, unet, text_encoder, prediction_type, schedule) -> None:
+        given = [name for name, value in (("autoencoder", autoencoder), ("unet", unet), ("text_encoder", text_encoder)) if value is not None]
+        if given:
+            raise ValueError(f"init_from={path!r} brings its own VAE, UNet and text encoder; leave out {given}")
+        if schedule is not None:
+            raise ValueError("with init_from the noise schedule is the model's; leave out schedule")
+        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer)
+        self.prediction_type = parts.prediction_type
+        self.autoencoder = parts.vae.eval().requires_grad_(False)
+        self.vae_config = parts.vae_config
+        self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
+        self.text_encoder = parts.text_encoder
+        if layer != "last" and layer != self.text_encoder.layer:
+            self.text_encoder.layer = layer
+        self.unet_config = parts.unet_config
+        self.unet = parts.unet.train()
+        self.unet.requires_grad_(True)
+        self.schedule = parts.schedule
+        log.info("fine-tuning from %s (%s prediction, %s)", path, self.prediction_type, self.schedule.kind)
+
+    def _cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store parameters that do not train in ``dtype`` (LoRA and trainable weights stay fp32)."""
+        for module in (self.autoencoder, self.text_encoder, self.unet):
+            for name, param in module.named_parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
 
     # ----------------------------------------------------------------- conditioning
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> context (B, 77, D); uses the text-embedding cache when there is one."""
         if self._text_cache is not None and all(p in self._text_cache for p in prompts):
             return torch.stack([self._text_cache[p] for p in prompts]).to(self.device, self.dtype)
-        return self.text_encoder.encode(prompts)
+        return self.text_encoder.encode(prompts).float()
 
     def _step_generator(self, salt: int = 0) -> torch.Generator:
         """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""
@@ -156,9 +238,22 @@ class LatentDiffusion(pl.LightningModule):
         if "moments" in batch:
             posterior = DiagonalGaussianDistribution(batch["moments"].float())
         else:
-            with torch.no_grad():
-                posterior = self.autoencoder.encode(batch["image"])
+            posterior = self.vae_encode(batch["image"])
         return posterior.sample(generator) * self.scaling_factor
+
+    @torch.no_grad()
+    def vae_encode(self, images: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The frozen VAE's posterior of images in [-1, 1], in fp32 whatever dtype the VAE is stored in."""
+        with torch.autocast(images.device.type, enabled=False):
+            moments = self.autoencoder.encode(images.to(self.autoencoder.encoder.conv_in.weight.dtype)).moments
+        return DiagonalGaussianDistribution(moments.float())
+
+    @torch.no_grad()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents (the VAE runs outside autocast, in its stored dtype)."""
+        with torch.autocast(latents.device.type, enabled=False):
+            z = (latents.float() / self.scaling_factor).to(self.autoencoder.decoder.conv_in.weight.dtype)
+            return self.autoencoder.decode(z).float().clamp(-1, 1)
 
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
@@ -206,10 +301,12 @@ class LatentDiffusion(pl.LightningModule):
         uncond = self.text_encoder.encode([""] * len(prompts))
         size = latent_size or self._latent_size()
         g = torch.Generator(device=self.device).manual_seed(seed)
-        latents = sample_latents(self.unet, context, uncond, self.schedule, self.prediction_type,
-                                 (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g)
-        with torch.autocast(self.device.type, enabled=False):  # VAE decode stays in fp32 under mixed precision
-            images = self.autoencoder.decode((latents / self.scaling_factor).float()).clamp(-1, 1)
+        # Half-precision frozen weights need autocast (Lightning's covers only the steps, not this hook).
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.hparams.frozen_dtype)
+        with torch.autocast(self.device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+            latents = sample_latents(self.unet, context.float(), uncond.float(), self.schedule, self.prediction_type,
+                                     (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g)
+        images = self.vae_decode(latents)
         self.train(was_training)
         return images
 
@@ -236,9 +333,41 @@ class LatentDiffusion(pl.LightningModule):
         # run continues with the same batches (our own noise uses per-step generators).
         checkpoint["ldm_rng_state"] = torch.get_rng_state()
 
+        # A fine-tune re-reads its frozen weights from init_from: keep them out of the checkpoint (a LoRA
+        # checkpoint then holds the adapters and optimiser state only). Not with weight averaging, whose
+        # callback reloads the whole module strictly.
+        if self.hparams.init_from is not None and not any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
+            frozen = self.frozen_state_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            checkpoint["ldm_frozen_keys_omitted"] = len(frozen)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ldm_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["ldm_rng_state"])
+        if "ldm_frozen_keys_omitted" in checkpoint:
+            self._check_omitted(checkpoint["state_dict"], "the checkpoint")
+            self.strict_loading = False
+
+    def frozen_state_keys(self) -> set[str]:
+        """State-dict keys that ``init_from`` restores: all but trainable parameters and top-level buffers."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if k not in trainable and "." in k}
+
+    def _check_omitted(self, state: dict[str, torch.Tensor], source: str) -> None:
+        missing = set(self.state_dict()) - set(state)
+        unexpected = set(state) - set(self.state_dict())
+        not_frozen = missing - self.frozen_state_keys()
+        if not_frozen or unexpected:
+            raise ValueError(f"{source} does not fit this model: missing trained weights {sorted(not_frozen)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+
+    def load_trained_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load a checkpoint's ``state_dict``; with ``init_from`` it may lack the frozen weights (restored from there)."""
+        if self.hparams.init_from is None:
+            self.load_state_dict(state)
+            return
+        self._check_omitted(state, source)
+        self.load_state_dict(state, strict=False)
 
     # ----------------------------------------------------------------- cache
     def setup(self, stage: str) -> None:
@@ -261,13 +390,12 @@ class LatentDiffusion(pl.LightningModule):
 
         def encode(indices: list[int]) -> dict[str, torch.Tensor]:
             images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
-            with torch.no_grad():
-                return {"moments": self.autoencoder.encode(images).moments.float()}
+            return {"moments": self.vae_encode(images).moments}
 
         cached = build_or_load_shards(Path(self.hparams.cache_dir) / f"latents-{key}", len(dataset), encode,
                                       strategy.global_rank, strategy.world_size, lambda: strategy.barrier("ldm_latent_cache"))
         dm.train_dataset = CachedLatentDataset(dataset, cached["moments"])
-        if not self.hparams.train_text_encoder:
+        if not self.text_encoder.trainable:
             self._cache_text(dataset, strategy)
 
     def _cache_text(self, dataset, strategy) -> None:
@@ -285,12 +413,29 @@ class LatentDiffusion(pl.LightningModule):
         self._text_cache = dict(zip(captions, cached["context"]))
 
     # ----------------------------------------------------------------- export
+    @property
+    def is_lora(self) -> bool:
+        return self.hparams.lora_rank > 0
+
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a folder a pipeline loads: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-        ``scheduler/`` and ``model_index.json`` (all safetensors/JSON). After ``fit`` with the EMA
-        callback, the module holds the EMA weights, so those are what is written."""
-        vae_config = json.loads((Path(self.hparams.autoencoder) / "config.json").read_text())
-        vae_config.update(scaling_factor=float(self.scaling_factor), disc_weight=0.0)
+        """Write the trained model where ``path`` says.
+
+        Full training or fine-tuning: a folder a pipeline loads (``unet/``, ``vae/``, ``text_encoder/``,
+        ``tokenizer/``, ``scheduler/``, ``model_index.json``; safetensors and JSON; after ``fit`` with the EMA
+        callback the module holds the EMA weights, so those are written). LoRA: only the adapters, as
+        ``pytorch_lora_weights.safetensors`` in the folder (diffusers' ``load_lora_weights`` file name and key
+        layout; ``pipe.load_lora`` reads it) plus ``lora_info.json`` naming the base model.
+        """
+        if self.is_lora:
+            folder = Path(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            text = self.text_encoder.model if self.hparams.lora_text_encoder else None
+            file = save_lora(folder / DIFFUSERS_LORA_FILE, unet=self.unet, text_encoder=text)
+            info = {"base_model": self.hparams.init_from, "rank": self.hparams.lora_rank,
+                    "alpha": self.hparams.lora_alpha or self.hparams.lora_rank, "text_encoder": self.hparams.lora_text_encoder}
+            (folder / "lora_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            return file
+        vae_config = {**self.vae_config, "scaling_factor": float(self.scaling_factor), "disc_weight": 0.0}
         return write_pipeline_folder(
             path, self.unet_config, self.unet.state_dict(), vae_config, self.autoencoder.state_dict(), self.text_encoder,
             self.schedule.to_config(), self.prediction_type, self._latent_size() * self.autoencoder.downsampling_factor,

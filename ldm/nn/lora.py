@@ -42,6 +42,7 @@ ADAPTER = "default"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights(folder) reads
 _PREFIXES = ("unet", "text_encoder")
 
 # CompVis ResBlock layer -> diffusers ResnetBlock2D layer.
@@ -310,8 +311,10 @@ def save_lora(
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Tensors and parsed ``lora_adapter_metadata`` (empty dict when absent) of a LoRA ``.safetensors`` file."""
     path = Path(path)
+    if path.is_dir() and (path / DIFFUSERS_LORA_FILE).is_file():
+        path = path / DIFFUSERS_LORA_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
+        raise FileNotFoundError(f"LoRA file {path} does not exist (give the .safetensors file or a folder holding {DIFFUSERS_LORA_FILE})")
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -164,6 +164,26 @@ class TextEncoder(nn.Module):
         return cls(model, tokenizer, layer=layer, max_length=max_length).eval()
 
     @staticmethod
+    def load_tokenizer(name_or_path: str | Path) -> CLIPTokenizer:
+        """A CLIP tokenizer from a local folder (its root or a ``tokenizer/`` subfolder) or a hub id.
+
+        Raises:
+            FileNotFoundError: If a local path does not exist or holds no tokenizer files.
+            OSError: If a hub id cannot be loaded (e.g. offline).
+        """
+        name = str(name_or_path)
+        root = Path(name).expanduser()
+        if root.is_dir():
+            sub = TOKENIZER_SUBFOLDER if (root / TOKENIZER_SUBFOLDER).is_dir() else None
+            folder = root / sub if sub else root
+            if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+                raise FileNotFoundError(f"no CLIP tokenizer files (tokenizer.json or vocab.json) in {str(folder)!r}")
+            return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if _looks_local(name):
+            raise FileNotFoundError(f"tokenizer path {name!r} does not exist; give a folder with a CLIP tokenizer")
+        return TextEncoder._load_first(CLIPTokenizer, name, [None, TOKENIZER_SUBFOLDER], "tokenizer", {})
+
+    @staticmethod
     def _check_local_files(root: Path, subfolder_model: str | None, subfolder_tokenizer: str | None) -> None:
         model_dir = root / subfolder_model if subfolder_model else root
         tokenizer_dir = root / subfolder_tokenizer if subfolder_tokenizer else root

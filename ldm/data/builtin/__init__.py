@@ -19,6 +19,7 @@ from typing import Any
 
 from ldm.data.builtin._io import atomic_write_bytes, write_jsonl
 from ldm.data.builtin.digits import write_digits
+from ldm.data.builtin.mirrored_digits import write_mirrored_digits
 from ldm.data.builtin.shapes import write_shapes
 
 __all__ = ["BUILTIN_DATASETS", "is_prepared", "prepare_builtin"]
@@ -31,6 +32,7 @@ INFO_NAME = "builtin.json"
 # name -> writer(out_dir: Path, **options) that writes the images and returns the metadata rows
 BUILTIN_DATASETS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "digits": write_digits,
+    "mirrored_digits": write_mirrored_digits,
     "shapes": write_shapes,
 }
 
@@ -48,7 +50,7 @@ def prepare_builtin(name: str, out_dir: str | os.PathLike[str], **options: Any) 
     """Write a built-in dataset to ``out_dir`` unless it is already there.
 
     Args:
-        name: One of `BUILTIN_DATASETS` (``"digits"``, ``"shapes"``).
+        name: One of `BUILTIN_DATASETS` (``"digits"``, ``"mirrored_digits"``, ``"shapes"``).
         out_dir: Dataset folder to create (e.g. ``data/digits``).
         **options: Options of the dataset writer, e.g. ``image_size=64, num_images=500, seed=1``
             for shapes.

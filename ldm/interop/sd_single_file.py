@@ -1,0 +1,265 @@
+"""A Stable Diffusion single file as a whole model: build UNet, VAE and text encoder from it, or write one.
+
+Reading (:func:`read_sd_single_file`) works on files from anywhere: the UNet, VAE and CLIP configs are
+inferred from tensor shapes (:func:`~ldm.interop.sd_checkpoint.detect_sd_variant`,
+:func:`~ldm.interop.vae_keys.vae_config_from_state_dict`, :func:`~ldm.interop.clip_keys.clip_config_from_state`),
+the text encoder from its layout (SD v1: OpenAI CLIP, last layer; SD v2: OpenCLIP, penultimate layer).
+What shapes cannot tell comes, first to last, from the caller's arguments, from the ``ldm.model``
+entry of the safetensors header (written by :func:`write_sd_single_file`: exact configs, schedule,
+prediction type, sample size, and the tokenizer files under ``ldm.tokenizer``), from an original SD
+config YAML next to the file (``v2-inference-v.yaml`` style: ``parameterization``, ``scale_factor``,
+``linear_start``/``linear_end``), and finally from SD's defaults. A single file holds no tokenizer: pass
+``tokenizer=`` (a local folder) where the SD default (``openai/clip-vit-large-patch14`` for v1,
+``stabilityai/stable-diffusion-2-1`` for v2) cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.interop.clip_keys import (
+    clip_config_from_state,
+    openclip_to_transformers,
+    sd_v1_clip_to_transformers,
+    transformers_to_openclip,
+    transformers_to_sd_v1_clip,
+)
+from ldm.interop.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
+from ldm.interop.vae_keys import vae_config_from_state_dict
+from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.unet import UNetModel
+
+log = logging.getLogger(__name__)
+
+META_KEY = "ldm.model"
+TOKENIZER_KEY = "ldm.tokenizer"
+SD_SCALING_FACTOR = 0.18215
+DEFAULT_TOKENIZERS = {"v1": "openai/clip-vit-large-patch14", "v2": "stabilityai/stable-diffusion-2-1"}
+_PREDICTION = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+
+
+@dataclass
+class SDSingleFile:
+    """The parts of a single-file model, built and loaded.
+
+    ``schedule_config`` is ``NoiseSchedule.to_config()``-style (``None``: SD's scaled-linear schedule).
+    """
+
+    unet: UNetModel
+    unet_config: dict[str, Any]
+    vae: KLAutoencoder
+    vae_config: dict[str, Any]
+    text_encoder: TextEncoder
+    schedule_config: dict[str, Any] | None
+    prediction_type: str
+    scaling_factor: float
+    sample_size: int
+    version: str
+    inpainting: bool
+    steps_offset: int = 1
+    timestep_spacing: str = "leading"
+
+
+def read_header_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (empty for other files)."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _sidecar_yaml(path: Path) -> dict[str, Any]:
+    """``model.params`` of an original SD config YAML beside the checkpoint (``x.safetensors`` -> ``x.yaml``)."""
+    yaml_path = path.with_suffix(".yaml")
+    if not yaml_path.is_file():
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(yaml_path.read_text())
+        params = dict(config["model"]["params"])
+    except (yaml.YAMLError, KeyError, TypeError) as error:
+        raise ValueError(f"{yaml_path} is not an SD config YAML (model.params): {error}") from error
+    log.info("read %s next to the checkpoint", yaml_path)
+    return params
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path}: the {what} weights do not fit the inferred model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]} ({len(missing)}/{len(unexpected)}/{len(wrong)} in all)"
+        )
+    module.load_state_dict(state)
+
+
+def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str) -> CLIPTokenizer:
+    if explicit is not None:
+        return TextEncoder.load_tokenizer(explicit)
+    if stored:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in stored.items():
+                (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
+            return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+    name = DEFAULT_TOKENIZERS[version]
+    try:
+        return TextEncoder.load_tokenizer(name)
+    except OSError as error:
+        raise OSError(
+            f"an SD single file holds no tokenizer and {name!r} could not be loaded ({error}). Pass tokenizer= "
+            "(Python) or --tokenizer (CLI): a local folder with the CLIP tokenizer (vocab.json + merges.txt), "
+            "e.g. the 'tokenizer/' folder of a diffusers copy of the model."
+        ) from error
+
+
+def _text_encoder(part: dict[str, torch.Tensor], stored: dict[str, Any], layer: str | None, tokenizer: CLIPTokenizer,
+                  path: Path) -> tuple[TextEncoder, str]:
+    if not part:
+        raise ValueError(f"{path} has no text encoder (cond_stage_model.*); ldm needs one to generate from text")
+    if all(k.startswith("transformer.") for k in part):
+        state, version, default_layer = sd_v1_clip_to_transformers(part), "v1", "last"
+        config = clip_config_from_state(state, hidden_act="quick_gelu")
+    elif all(k.startswith("model.") for k in part):
+        state, config = openclip_to_transformers(part)
+        version, default_layer = "v2", "penultimate"
+    else:
+        odd = sorted(k for k in part if not k.startswith(("transformer.", "model.")))
+        raise ValueError(f"{path}: unknown text-encoder layout under cond_stage_model. (expected transformer.* for SD v1 "
+                         f"or model.* for SD v2), e.g. {odd[:5]}")
+    if "text_encoder" in stored:
+        config = CLIPTextConfig(**stored["text_encoder"])
+    model = CLIPTextModel(config)
+    _load_strict(model, state, "text encoder", path)
+    layer = layer or stored.get("text_encoder_layer") or default_layer
+    max_length = stored.get("text_encoder_max_length") or min(int(tokenizer.model_max_length), config.max_position_embeddings)
+    return TextEncoder(model, tokenizer, layer=layer, max_length=max_length).eval(), version
+
+
+def read_sd_single_file(
+    path: str | Path,
+    use_ema: bool = True,
+    prediction_type: str | None = None,
+    tokenizer: str | Path | None = None,
+    text_encoder_layer: str | None = None,
+) -> SDSingleFile:
+    """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely).
+
+    Args:
+        path: The checkpoint.
+        use_ema: Take the UNet's ``model_ema.*`` weights when the file has them.
+        prediction_type: ``epsilon`` or ``v_prediction`` (SD 2.x 768-v models); ``None``: from the file's
+            ldm metadata, a config YAML beside it, else ``epsilon``.
+        tokenizer: A local tokenizer folder or hub id (see the module docstring).
+        text_encoder_layer: ``last`` or ``penultimate``; ``None``: v1 last, v2 penultimate.
+
+    Raises:
+        FileNotFoundError: if the file (or a given tokenizer folder) does not exist.
+        ValueError: for an unknown layout or weights that do not fit, naming the offending keys.
+    """
+    path = Path(path)
+    parts = load_sd_checkpoint(path, use_ema=use_ema)
+    header = read_header_metadata(path)
+    stored = json.loads(header.get(META_KEY, "{}"))
+    stored_tokenizer = json.loads(header.get(TOKENIZER_KEY, "{}"))
+    sidecar = _sidecar_yaml(path)
+    if not parts["unet"]:
+        raise ValueError(f"{path} has no UNet weights (model.diffusion_model.*); keys look like {sorted(parts['other'])[:5]}")
+    variant = detect_sd_variant(parts["unet"])
+    unet_config = stored.get("unet") or variant["unet_config"]
+    unet = UNetModel(**unet_config)
+    _load_strict(unet, parts["unet"], "UNet", path)
+    if not parts["vae"]:
+        raise ValueError(f"{path} has no VAE (first_stage_model.*); load the VAE separately or use a full checkpoint")
+    try:
+        vae_config = stored.get("vae") or vae_config_from_state_dict(parts["vae"])
+    except KeyError as error:
+        raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
+    vae = KLAutoencoder(**vae_config)
+    _load_strict(vae, parts["vae"], "VAE", path)
+    text_version = "v2" if parts["text_encoder"] and all(k.startswith("model.") for k in parts["text_encoder"]) else "v1"
+    tok = _tokenizer(tokenizer, stored_tokenizer, text_version)
+    text_encoder, _ = _text_encoder(parts["text_encoder"], stored, text_encoder_layer, tok, path)
+
+    prediction = prediction_type or stored.get("prediction_type") or sidecar.get("parameterization") or "epsilon"
+    if prediction not in _PREDICTION:
+        raise ValueError(f"prediction_type={prediction!r}; use 'epsilon' or 'v_prediction'")
+    prediction = _PREDICTION[prediction]
+    schedule = stored.get("schedule")
+    if schedule is None and "linear_start" in sidecar:
+        schedule = {"kind": "scaled_linear", "num_timesteps": int(sidecar.get("timesteps", 1000)),
+                    "beta_start": float(sidecar["linear_start"]), "beta_end": float(sidecar["linear_end"]), "zero_terminal_snr": False}
+    scaling = float(stored.get("scaling_factor") or sidecar.get("scale_factor") or SD_SCALING_FACTOR)
+    sample_size = int(stored.get("sample_size") or (768 if variant["version"] == "v2" and prediction == "v_prediction" else 512))
+    if variant["version"] == "v2" and prediction == "epsilon" and not stored and not sidecar and prediction_type is None:
+        log.warning("%s is an SD 2.x checkpoint; its prediction type cannot be read from the weights. Using epsilon "
+                    "(SD 2.x 512-base); pass prediction_type='v_prediction' for the 768-v models", path)
+    # Original SD samplers step through t = 1 + k * T / n ("leading" with diffusers' steps_offset 1).
+    return SDSingleFile(unet, unet_config, vae, vae_config, text_encoder, schedule, prediction, scaling, sample_size,
+                        variant["version"], variant["inpainting"], int(stored.get("steps_offset", 1)),
+                        stored.get("timestep_spacing", "leading"))
+
+
+def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def write_sd_single_file(
+    path: str | Path,
+    unet: UNetModel,
+    unet_config: dict[str, Any],
+    vae: KLAutoencoder,
+    vae_config: dict[str, Any],
+    text_encoder: TextEncoder,
+    schedule_config: dict[str, Any],
+    prediction_type: str,
+    scaling_factor: float,
+    sample_size: int,
+    steps_offset: int = 0,
+    timestep_spacing: str = "leading",
+) -> Path:
+    """Write an original-layout SD single file (``.safetensors``) that SD tools load, plus ldm metadata.
+
+    The text encoder goes in the SD v2 OpenCLIP layout (``cond_stage_model.model.*``) when it is an
+    OpenCLIP-style CLIP (``hidden_act="gelu"``), else in the SD v1 layout. The header's ``ldm.model``
+    entry keeps the exact configs, schedule, prediction type and sample size, and ``ldm.tokenizer`` the
+    tokenizer files, so :func:`read_sd_single_file` rebuilds the very same model without extra arguments.
+    """
+    clip_state = text_encoder.model.state_dict()
+    openclip = text_encoder.model.config.hidden_act == "gelu"
+    text_state = transformers_to_openclip(clip_state) if openclip else transformers_to_sd_v1_clip(clip_state)
+    config = text_encoder.model.config.to_dict()
+    text_config = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                          "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+                                          "bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    meta = {
+        "unet": unet_config,
+        "vae": vae_config,
+        "text_encoder": text_config,
+        "text_encoder_layer": text_encoder.layer,
+        "text_encoder_max_length": text_encoder.max_length,
+        "schedule": schedule_config,
+        "prediction_type": prediction_type,
+        "scaling_factor": float(scaling_factor),
+        "sample_size": int(sample_size),
+        "steps_offset": int(steps_offset),
+        "timestep_spacing": timestep_spacing,
+    }
+    header = {META_KEY: json.dumps(meta, default=list), TOKENIZER_KEY: json.dumps(_tokenizer_files(text_encoder.tokenizer))}
+    return save_sd_checkpoint(path, unet.state_dict(), vae.state_dict(), text_state, metadata=header)

@@ -1,0 +1,153 @@
+"""Load a whole text-to-image model from any layout we read: the parts a pipeline or a fine-tune starts from.
+
+Layouts, detected from the path:
+
+* our exported folder (``model_index.json`` with ``"_class_name": "LatentDiffusionPipeline"``),
+* a diffusers Stable Diffusion folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/``),
+* a Lightning ``.ckpt`` of :class:`~ldm.models.latent_diffusion.LatentDiffusion` (EMA weights by default),
+* an original SD single file, ``.safetensors`` or ``.ckpt`` (``model.diffusion_model.*`` ...).
+
+``interop`` depends on ``nn`` only, so this module (``models``) may use it without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.diffusion import NoiseSchedule, normalize_prediction_type
+from ldm.models.pretrained import load_weights, read_model_folder
+from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.unet import UNetModel
+
+VAE_ARGS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "dropout",
+            "mid_attention", "norm_groups")
+
+
+@dataclass
+class ModelComponents:
+    """A loaded model: modules (eval mode, fp32, CPU), their configs, the schedule and how to use them."""
+
+    unet: UNetModel
+    vae: KLAutoencoder
+    text_encoder: TextEncoder
+    schedule: NoiseSchedule
+    prediction_type: str
+    scaling_factor: float
+    sample_size: int | None
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    steps_offset: int = 0
+    timestep_spacing: str = "leading"
+
+
+def vae_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """``KLAutoencoder`` keyword arguments from an ``AutoencoderKL``-style (or ``KLAutoencoder``) config."""
+    kwargs = {k: config[k] for k in VAE_ARGS if k in config}
+    kwargs["out_channels"] = config.get("out_channels", config.get("in_channels", 3))
+    kwargs["embed_dim"] = config.get("embed_dim", config.get("z_channels", 4))
+    return kwargs
+
+
+def load_components(path: str | Path, use_ema: bool = True, prediction_type: str | None = None,
+                    tokenizer: str | Path | None = None) -> ModelComponents:
+    """Load the model at ``path`` in whichever layout it is (see the module docstring).
+
+    Args:
+        path: Folder, Lightning ``.ckpt`` or SD single file.
+        use_ema: EMA weights of a Lightning checkpoint or an SD file (``model_ema.*``) when present.
+        prediction_type: Override the stored prediction type (needed for SD 2.x 768-v single files,
+            whose weights cannot tell).
+        tokenizer: Tokenizer folder or hub id for an SD single file (which holds none).
+
+    Raises:
+        FileNotFoundError: when ``path`` is none of the layouts.
+        ValueError: for an unknown checkpoint layout or weights that do not fit, naming the keys.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
+        parts = _from_file(path, use_ema, tokenizer)
+    elif (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text())
+        parts = _from_folder(path) if index.get("_class_name") == "LatentDiffusionPipeline" else _from_diffusers(path)
+    else:
+        raise FileNotFoundError(
+            f"{path} is not a model: expected a folder with model_index.json (ldm's export or a diffusers Stable Diffusion "
+            "folder), a Lightning .ckpt of LatentDiffusion, or an original SD single file (.safetensors/.ckpt)"
+        )
+    if prediction_type is not None:
+        parts.prediction_type = normalize_prediction_type(prediction_type)
+    return parts
+
+
+def _from_folder(folder: Path) -> ModelComponents:
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
+    unet_config.pop("_class_name")
+    unet = UNetModel(**unet_config)
+    unet.load_state_dict(load_weights(folder / "unet", "model.safetensors"))
+    vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
+    vae = KLAutoencoder(**vae_kwargs(vae_config))
+    vae.load_state_dict(load_weights(folder / "vae", "model.safetensors"))
+    text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer"))
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    prediction_type = sched.pop("prediction_type", "epsilon")
+    sched.pop("_class_name", None)
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_config(sched), prediction_type,
+                           vae_config.get("scaling_factor", 1.0), index.get("sample_size"), unet_config, vae_config)
+
+
+def _from_diffusers(folder: Path) -> ModelComponents:
+    from ldm.interop import load_diffusers_folder, read_vae_scaling_factor
+
+    unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = load_diffusers_folder(folder)
+    if text_path is None or tok_path is None:
+        raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
+    unet = UNetModel(**unet_config)
+    unet.load_state_dict(unet_state)
+    vae = KLAutoencoder(**vae_config)
+    vae.load_state_dict(vae_state)
+    # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
+    text_encoder = TextEncoder.from_pretrained(str(folder), layer="last")
+    sched = sched or {}
+    config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
+    latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_diffusers_scheduler_config(sched),
+                           sched.get("prediction_type", "epsilon"), config["scaling_factor"],
+                           int(latent_size) * vae.downsampling_factor, unet_config, config,
+                           int(sched.get("steps_offset", 0)), sched.get("timestep_spacing", "leading"))
+
+
+def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None) -> ModelComponents:
+    if path.suffix != ".safetensors":
+        # mmap: telling a Lightning checkpoint from an SD .ckpt does not read the whole file.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(ckpt, dict) and "unet" in ckpt.get("hyper_parameters", {}):
+            return _from_lightning_checkpoint(path, ckpt, use_ema)
+        del ckpt
+    from ldm.interop.sd_single_file import read_sd_single_file
+
+    sd = read_sd_single_file(path, use_ema=use_ema, tokenizer=tokenizer)
+    schedule = NoiseSchedule.from_config(sd.schedule_config) if sd.schedule_config else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
+    return ModelComponents(sd.unet.eval(), sd.vae.eval(), sd.text_encoder, schedule, sd.prediction_type, sd.scaling_factor,
+                           sd.sample_size, sd.unet_config, {**sd.vae_config, "scaling_factor": sd.scaling_factor},
+                           sd.steps_offset, sd.timestep_spacing)
+
+
+def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -> ModelComponents:
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    model = LatentDiffusion(**hparams)
+    state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+    model.load_trained_state(state, str(path))
+    image_size = ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
+    vae_config = {**model.vae_config, "scaling_factor": float(model.scaling_factor)}
+    return ModelComponents(model.unet.eval(), model.autoencoder.eval(), model.text_encoder.eval(), model.schedule, model.prediction_type,
+                           float(model.scaling_factor), image_size, model.unet_config, vae_config)
