@@ -1,0 +1,130 @@
+"""SD single files as whole models: foreign v1/v2/inpainting files load into the pipeline (configs inferred from
+shapes, tokenizer given), our own exports (v1 and OpenCLIP v2 layouts) come back bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interop_helpers import randomize_
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.data.tokenizer import train_clip_tokenizer
+from ldm.diffusion import NoiseSchedule
+from ldm.interop import load_sd_checkpoint, save_sd_checkpoint
+from ldm.interop.clip_keys import transformers_to_openclip, transformers_to_sd_v1_clip
+from ldm.interop.sd_single_file import read_sd_single_file
+from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.unet import UNetModel
+from ldm.pipeline import LatentDiffusionPipeline
+
+# Sizes that follow SD's conventions, so that shapes alone give the right config: v1 UNets use 8 heads,
+# v2 64-channel heads; CLIP uses 64-channel heads; the VAE 32 GroupNorm groups.
+CLIP_WIDTH = 128
+V1_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=8,
+               context_dim=CLIP_WIDTH, norm_groups=32)
+V2_UNET = dict(V1_UNET, num_heads=-1, num_head_channels=64, model_channels=64, use_linear_in_transformer=True)
+VAE = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=32)
+KW = dict(num_inference_steps=3, guidance_scale=4.0, seed=3, progress=False, output_type="pt", height=16, width=16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    train_clip_tokenizer(["a red circle", "a blue square", "a photo of a cat"], folder, vocab_size=600)
+    return folder
+
+
+def _clip(tokenizer_dir, hidden_act: str, layers: int = 3) -> CLIPTextModel:
+    tok = TextEncoder.load_tokenizer(tokenizer_dir)
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=CLIP_WIDTH, intermediate_size=2 * CLIP_WIDTH, num_hidden_layers=layers,
+                            num_attention_heads=CLIP_WIDTH // 64, max_position_embeddings=77, hidden_act=hidden_act,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return randomize_(CLIPTextModel(config), seed=5).eval()
+
+
+def _reference(tokenizer_dir, unet_config, hidden_act, layer, in_channels=4):
+    unet = randomize_(UNetModel(**unet_config, in_channels=in_channels), seed=1)
+    vae = randomize_(KLAutoencoder(**VAE), seed=2)
+    text = TextEncoder(_clip(tokenizer_dir, hidden_act), TextEncoder.load_tokenizer(tokenizer_dir), layer=layer)
+    return LatentDiffusionPipeline(unet, vae, text, NoiseSchedule(), "epsilon", 0.18215, 16, steps_offset=1)
+
+
+def test_foreign_v1_file_loads_and_generates_like_the_original(tmp_path, tokenizer_dir):
+    ref = _reference(tokenizer_dir, V1_UNET, "quick_gelu", "last")
+    # A file as other tools write it: SD v1 keys only, no ldm metadata, written with torch.save as a .ckpt.
+    state = {f"model.diffusion_model.{k}": v for k, v in ref.unet.state_dict().items()}
+    state |= {f"first_stage_model.{k}": v for k, v in ref.vae.state_dict().items()}
+    state |= {f"cond_stage_model.{k}": v for k, v in transformers_to_sd_v1_clip(ref.text_encoder.model.state_dict()).items()}
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "v1.ckpt")
+
+    parts = read_sd_single_file(tmp_path / "v1.ckpt", tokenizer=tokenizer_dir)
+    assert (parts.version, parts.inpainting, parts.prediction_type, parts.sample_size) == ("v1", False, "epsilon", 512)
+    assert parts.text_encoder.layer == "last" and parts.scaling_factor == pytest.approx(0.18215)
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "v1.ckpt", tokenizer=tokenizer_dir)
+    for a, b in ((ref.unet, pipe.unet), (ref.vae, pipe.vae), (ref.text_encoder.model, pipe.text_encoder.model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    torch.testing.assert_close(pipe("a red circle", **KW).images, ref("a red circle", **KW).images, rtol=0, atol=0)
+
+
+def test_foreign_v2_openclip_file_uses_the_penultimate_layer(tmp_path, tokenizer_dir):
+    ref = _reference(tokenizer_dir, V2_UNET, "gelu", "penultimate")
+    clip = transformers_to_openclip(ref.text_encoder.model.state_dict())
+    assert "model.transformer.resblocks.0.attn.in_proj_weight" in clip
+    clip["model.text_projection"] = torch.randn(CLIP_WIDTH, CLIP_WIDTH)  # in real SD 2 files; unused for conditioning
+    clip["model.logit_scale"] = torch.tensor(4.6)
+    path = save_sd_checkpoint(tmp_path / "v2.safetensors", ref.unet.state_dict(), ref.vae.state_dict(), clip)
+    (tmp_path / "v2.yaml").write_text("model:\n  params:\n    parameterization: v\n    scale_factor: 0.5\n")
+
+    pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
+    assert pipe.text_encoder.layer == "penultimate" and pipe.prediction_type == "v_prediction" and pipe.scaling_factor == 0.5
+    assert pipe.text_encoder.model.config.hidden_act == "gelu" and pipe.sample_size == 768
+    ids = ref.text_encoder.tokenize(["a blue square"])
+    torch.testing.assert_close(pipe.text_encoder(ids), ref.text_encoder(ids), rtol=0, atol=0)
+    # The argument wins over the YAML.
+    assert LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, prediction_type="epsilon").prediction_type == "epsilon"
+
+
+def test_inpainting_file_is_detected(tmp_path, tokenizer_dir):
+    ref = _reference(tokenizer_dir, V1_UNET, "quick_gelu", "last", in_channels=9)
+    path = save_sd_checkpoint(tmp_path / "inpaint.safetensors", ref.unet.state_dict(), ref.vae.state_dict(), ref.text_encoder.model.state_dict())
+    parts = read_sd_single_file(path, tokenizer=tokenizer_dir)
+    assert parts.inpainting and parts.unet_config["in_channels"] == 9
+
+
+@pytest.mark.parametrize("hidden_act, layout_key", [("quick_gelu", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+                                                     ("gelu", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")])
+def test_our_export_round_trips_bit_identical(tmp_path, tokenizer_dir, hidden_act, layout_key):
+    ref = _reference(tokenizer_dir, V1_UNET, hidden_act, "penultimate" if hidden_act == "gelu" else "last")
+    ref.unet_config = dict(V1_UNET, in_channels=4)
+    ref.vae_config = dict(VAE)
+    path = ref.save_pretrained(tmp_path / "ours.safetensors", format="sd")
+    assert layout_key.removeprefix("cond_stage_model.") in load_sd_checkpoint(path)["text_encoder"]
+    back = LatentDiffusionPipeline.from_pretrained(path)  # tokenizer and configs come from the file's ldm metadata
+    for a, b in ((ref.unet, back.unet), (ref.vae, back.vae), (ref.text_encoder.model, back.text_encoder.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (back.text_encoder.layer, back.steps_offset, back.sample_size) == (ref.text_encoder.layer, 1, 16)
+    torch.testing.assert_close(back("a blue square", **KW).images, ref("a blue square", **KW).images, rtol=0, atol=0)
+
+
+def test_missing_tokenizer_and_unknown_layouts_are_clear_errors(tmp_path, tokenizer_dir, monkeypatch):
+    ref = _reference(tokenizer_dir, V1_UNET, "quick_gelu", "last")
+    path = save_sd_checkpoint(tmp_path / "v1.safetensors", ref.unet.state_dict(), ref.vae.state_dict(), ref.text_encoder.model.state_dict())
+    monkeypatch.setattr("ldm.interop.sd_single_file.DEFAULT_TOKENIZERS", {"v1": "./no/such/tokenizer", "v2": "./none"})
+    with pytest.raises(OSError, match="tokenizer="):
+        LatentDiffusionPipeline.from_pretrained(path)
+
+    save_file({"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no UNet weights.*decoder.bias"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "other.safetensors")
+
+    state = {f"model.diffusion_model.{k}": v for k, v in ref.unet.state_dict().items()}
+    state["model.diffusion_model.input_blocks.1.0.in_layers.0.weight"] = torch.zeros(3)  # wrong shape
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="input_blocks.1.0.in_layers.0.weight"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "bad.safetensors", tokenizer=tokenizer_dir)
+
+    with pytest.raises(FileNotFoundError, match="not a model"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "missing-folder")
