@@ -1,0 +1,52 @@
+"""The shipped fine-tune configs run as written through `ldm fit`, with only sizes and paths overridden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.cli import main
+from ldm.pipeline import LatentDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_file(tmp_path_factory):
+    """A tiny model written as an SD single file (the stand-in for v1-5-pruned.safetensors)."""
+    import lightning.pytorch as pl
+
+    from conftest import make_ldm_assets, tiny_ldm_kwargs
+    from ldm.models import LatentDiffusion
+
+    root = tmp_path_factory.mktemp("sd")
+    assets = make_ldm_assets(root / "assets")
+    pl.seed_everything(0)
+    folder = LatentDiffusion(**tiny_ldm_kwargs(assets)).save_pretrained(root / "ours")
+    return LatentDiffusionPipeline.from_pretrained(folder).save_pretrained(root / "tiny.safetensors", format="sd"), assets["data"]
+
+
+@pytest.mark.parametrize("config, result", [("sd-lora.yaml", "checkpoints/sd-lora/pytorch_lora_weights.safetensors"),
+                                            ("sd-full.yaml", "checkpoints/sd-finetune/model_index.json")])
+def test_finetune_config_runs(tmp_path, monkeypatch, tiny_sd_file, config, result):
+    sd_file, data = tiny_sd_file
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs" / "finetune" / config), "--model.init_from", str(sd_file),
+          "--data.root", str(data), "--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
+          "--data.val_fraction", "0.25", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
+          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+          "--model.val_steps", "2"])
+    assert (tmp_path / result).is_file()
+    (last,) = (tmp_path / "logs").rglob("last.ckpt")  # for --ckpt_path last
+    if config == "sd-lora.yaml":
+        state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+        assert state and all("lora_" in k or "." not in k for k in state)  # adapters only, no frozen base weights
+    pipe = LatentDiffusionPipeline.from_pretrained(sd_file)
+    if config == "sd-lora.yaml":
+        pipe.load_lora(tmp_path / "checkpoints" / "sd-lora")
+    else:
+        pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "checkpoints" / "sd-finetune")
+    images = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
