@@ -240,6 +240,7 @@ class LatentDiffusionPipeline:
             init = init_image.to(self.device).expand(len(prompts), -1, -1, -1)
             known = self.vae.encode(init).mode() * self.scaling_factor
         latent_mask = mask_to_latent(mask.to(self.device), shape[1:]) if mask is not None else None
+        extra = self._inpainting_channels(init_image, mask, len(prompts), height, width) if self.is_inpainting_model else None
         start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
 
         # Deterministic samplers run the batch at once; stochastic ones image by image (each on its own seed).
@@ -258,7 +259,8 @@ class LatentDiffusionPipeline:
                 gen = gens[0] if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seeds[group[0]] + 1)
             noise = noise.to(self.device, torch.float32)
             sub_known = known[group] if known is not None else None
-            denoiser = self._denoiser(context[group], uncond[group], guidance_scale, guidance_rescale, sub_known, latent_mask, noise)
+            denoiser = self._denoiser(context[group], uncond[group], guidance_scale, guidance_rescale, sub_known, latent_mask, noise,
+                                      extra[group] if extra is not None else None)
 
             def step_callback(i, t, x, _cb=callback):
                 bar.update(1)
@@ -269,7 +271,8 @@ class LatentDiffusionPipeline:
                 z = sub_known
             else:
                 x = noise if sub_known is None else noise_to_step(sampler, sub_known, noise, self.schedule, num_inference_steps,
-                                                                  start_step, timestep_spacing, karras_sigmas, self.steps_offset)
+                                                                  start_step, timestep_spacing, karras_sigmas,
+                                                                  steps_offset=self.steps_offset)
                 z = sample(sampler, denoiser, x, self.schedule, num_inference_steps, prediction_type=self.prediction_type,
                            spacing=timestep_spacing, karras=karras_sigmas, eta=eta, generator=gen, steps_offset=self.steps_offset,
                            callback=step_callback, start_step=start_step)
@@ -285,9 +288,29 @@ class LatentDiffusionPipeline:
             images = m * images + (1 - m) * init_image.to(images.device).clamp(-1, 1)
         return PipelineOutput(tensor_to_output(images, output_type), seeds)
 
-    def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise):
-        guided = guided_denoiser(self.unet, context, uncond, scale, rescale)
-        if latent_mask is None:
+    @property
+    def is_inpainting_model(self) -> bool:
+        """An SD inpainting UNet: its input is the latents, the mask and the masked image's latents (4 + 1 + 4)."""
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    def _inpainting_channels(self, init_image, mask, n: int, height: int, width: int) -> torch.Tensor:
+        """The extra input of an inpainting UNet: mask (1 = repaint) and the latents of the image with the
+        masked part blanked, as SD's inpainting models were trained. Without a mask everything is repainted."""
+        f = self.vae.downsampling_factor
+        if mask is None:
+            pixel_mask = torch.ones(1, 1, height, width, device=self.device)
+            image = torch.zeros(1, 3, height, width, device=self.device)
+        else:
+            pixel_mask = (mask.to(self.device) > 0.5).float()
+            image = init_image.to(self.device) * (1 - pixel_mask)
+        masked_latents = self.vae.encode(image).mode() * self.scaling_factor
+        latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))
+        return torch.cat([latent_mask, masked_latents], dim=1).expand(n, -1, -1, -1).to(self.dtype)
+
+    def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise, extra=None):
+        unet = self.unet if extra is None else _WithExtraChannels(self.unet, extra)
+        guided = guided_denoiser(unet, context, uncond, scale, rescale)
+        if latent_mask is None or extra is not None:  # an inpainting UNet sees the known region itself
             return guided
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -303,6 +326,18 @@ class LatentDiffusionPipeline:
         parts = z.split(1) if self.vae_slicing else [z]
         decode = (lambda p: tiled_decode(self.vae, p, self.vae_tile_size)) if self.vae_tile_size else self.vae.decode
         return torch.cat([decode(p) for p in parts]).clamp(-1, 1)
+
+
+class _WithExtraChannels(torch.nn.Module):
+    """A UNet whose input gets fixed extra channels appended (an inpainting UNet's mask and masked image)."""
+
+    def __init__(self, unet: UNetModel, extra: torch.Tensor):
+        super().__init__()
+        self.unet, self.extra = unet, extra
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # CFG doubles the batch
+        return self.unet(torch.cat([x, extra], dim=1), t, context)
 
 
 def _expand_negative(negative_prompt: str | list[str] | None, n: int) -> list[str]:

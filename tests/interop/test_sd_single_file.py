@@ -92,6 +92,31 @@ def test_inpainting_file_is_detected(tmp_path, tokenizer_dir):
     parts = read_sd_single_file(path, tokenizer=tokenizer_dir)
     assert parts.inpainting and parts.unet_config["in_channels"] == 9
 
+    pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
+    assert pipe.is_inpainting_model
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :, 8:] = 1  # repaint the right half
+    small = {k: v for k, v in KW.items() if k not in ("height", "width")}
+    out = pipe.inpaint("a red circle", image, mask, paste_unmasked=False, **small).images
+    assert out.shape == (1, 3, 16, 16) and len(seen) == 3
+    x = seen[0]
+    assert x.shape == (2, 9, 8, 8)  # CFG batch; latents, mask, masked-image latents (this VAE downsamples by 2)
+    latent_mask = torch.zeros(2, 8, 8)
+    latent_mask[..., 4:] = 1
+    assert torch.equal(x[:, 4], latent_mask)
+    expected = pipe.vae.encode(image * (1 - mask)).mode() * pipe.scaling_factor
+    torch.testing.assert_close(x[:1, 5:], expected)
+    # The model sees the unmasked image: changing it changes the result; text-to-image works with an all-ones mask.
+    latents = dict(small, output_type="latent")
+    a = pipe.inpaint("a red circle", image, mask, **latents).images
+    b = pipe.inpaint("a red circle", -image, mask, **latents).images
+    assert (a - b).abs().max() > 1e-2
+    seen.clear()
+    assert pipe("a red circle", **KW).images.shape == (1, 3, 16, 16) and bool((seen[0][:, 4] == 1).all())
+
 
 @pytest.mark.parametrize("hidden_act, layout_key", [("quick_gelu", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),
                                                      ("gelu", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")])
