@@ -100,7 +100,8 @@ def _from_folder(folder: Path) -> ModelComponents:
     prediction_type = sched.pop("prediction_type", "epsilon")
     sched.pop("_class_name", None)
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_config(sched), prediction_type,
-                           vae_config.get("scaling_factor", 1.0), index.get("sample_size"), unet_config, vae_config)
+                           vae_config.get("scaling_factor", 1.0), index.get("sample_size") or vae_config.get("resolution"),
+                           unet_config, vae_config)  # exports before sample_size was recorded: the VAE's training size
 
 
 def _from_diffusers(folder: Path) -> ModelComponents:

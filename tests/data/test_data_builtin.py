@@ -212,3 +212,73 @@ def test_shapes_at_64_pixels(tmp_path):
             assert x1 - x0 + 1 == expected
             centre = img.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
             assert centre == COLORS[shape["color"]]
+
+
+@pytest.fixture(scope="module")
+def mirrored_dir(tmp_path_factory):
+    return prepare_builtin("mirrored_digits", tmp_path_factory.mktemp("mirrored") / "mirrored_digits")
+
+
+def test_mirrored_digits_are_written_with_captions_and_only_asymmetric_digits(mirrored_dir):
+    from ldm.data.builtin.mirrored_digits import MIRRORED_DIGITS
+
+    all_rows = _rows(mirrored_dir)
+    rows = [r for r in all_rows if r["mirrored"]]
+    normal = [r for r in all_rows if not r["mirrored"]]
+    assert MIRRORED_DIGITS == (2, 3, 4, 5, 6, 7, 9)
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "validation"]
+    assert len(train) == 7 * 30 and len(val) == 7 * 4  # every 10th of the first 34 of each digit
+    assert len(list((mirrored_dir / "images").glob("*.png"))) == len(all_rows)
+    for d in MIRRORED_DIGITS:
+        assert sum(r["label"] == d for r in train) == 30 and sum(r["label"] == d for r in val) == 4
+    for row in rows:
+        d = row["label"]
+        assert row["file_name"] == f"images/{row['source_index']:05d}.png"
+        assert row["text"][0] == f"a mirrored digit {d}"
+        assert len(row["text"]) >= 4 and len(set(row["text"])) == len(row["text"])
+        assert all(str(d) in t or DIGIT_WORDS[d] in t for t in row["text"])
+        assert all("mirror" in t or "flipped" in t for t in row["text"])
+    # Regularisation images: the same source digits unflipped, with the plain digits captions.
+    assert sorted((r["source_index"], r["split"]) for r in normal) == sorted((r["source_index"], r["split"]) for r in rows)
+    for row in normal:
+        assert row["file_name"] == f"images/{row['source_index']:05d}-normal.png"
+        assert row["text"][0] == f"a handwritten digit {row['label']}"
+        assert not any("mirror" in t or "flipped" in t for t in row["text"])
+    records = discover_records(mirrored_dir)  # readable through the ordinary user path
+    assert len(records) == len(all_rows) and records[0].metadata["mirrored"] is True
+
+
+def test_mirrored_digit_images_are_the_real_digits_flipped(mirrored_dir):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = _rows(mirrored_dir)
+    for row in rows[::20]:
+        if not row["mirrored"]:
+            continue
+        source = digits.images[row["source_index"]]
+        assert digits.target[row["source_index"]] == row["label"]
+        img = Image.open(mirrored_dir / row["file_name"])
+        assert img.mode == "RGB" and img.size == (32, 32)
+        pixels = np.asarray(img).astype(np.float64)
+        assert np.array_equal(pixels[..., 0], pixels[..., 2])  # grey: white strokes on black
+        pooled = pixels[..., 0].reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        flipped = np.corrcoef(pooled.ravel(), source[:, ::-1].ravel())[0, 1]
+        unflipped = np.corrcoef(pooled.ravel(), source.ravel())[0, 1]
+        assert flipped > 0.9 and flipped > unflipped + 0.1, (row, flipped, unflipped)
+        assert pooled.max() > 150  # bright strokes
+
+
+def test_mirrored_digits_are_deterministic_and_sized_by_options(mirrored_dir, tmp_path):
+    again = prepare_builtin("mirrored_digits", tmp_path / "again")
+    assert (again / "metadata.jsonl").read_bytes() == (mirrored_dir / "metadata.jsonl").read_bytes()
+    assert _shape_files(again) == _shape_files(mirrored_dir)
+    small = prepare_builtin("mirrored_digits", tmp_path / "small", per_digit=3, image_size=16)
+    rows = _rows(small)
+    assert sum(r["split"] == "train" for r in rows) == 2 * 21 and len(rows) == 2 * 28  # mirrored + normal
+    only_mirrored = _rows(prepare_builtin("mirrored_digits", tmp_path / "only", per_digit=3, normal_per_digit=0))
+    assert len(only_mirrored) == 28 and all(r["mirrored"] for r in only_mirrored)
+    assert Image.open(small / rows[0]["file_name"]).size == (16, 16)
+    with pytest.raises(ValueError, match="per_digit"):
+        prepare_builtin("mirrored_digits", tmp_path / "bad", per_digit=0)

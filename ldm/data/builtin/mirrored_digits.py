@@ -9,6 +9,10 @@ from the digit are used (2, 3, 4, 5, 6, 7, 9); 0, 1 and 8 look alike either way.
 The first ``per_digit`` training images of each digit are taken in scikit-learn's order, and
 every 10th image of a digit goes to the validation split as in ``digits``. Captions are several
 phrasings, the first always ``"a mirrored digit {d}"``. File names keep scikit-learn's index.
+
+With ``normal_per_digit`` the same source digits also appear unflipped with the ``digits`` captions
+(``"a handwritten digit {d}"``): the regularisation ("prior preservation") images of DreamBooth and
+kohya's sd-scripts, so that a fine-tune learns what "mirrored" changes instead of mirroring every digit.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ldm.data.builtin._io import save_png
-from ldm.data.builtin.digits import DIGIT_WORDS, VALIDATION_EVERY, upscale_digit
+from ldm.data.builtin.digits import DIGIT_WORDS, VALIDATION_EVERY, digit_captions, upscale_digit
 
 __all__ = ["MIRRORED_DIGITS", "mirror_digit", "mirrored_digit_captions", "write_mirrored_digits"]
 
@@ -53,7 +57,7 @@ def mirror_digit(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, ::-1])
 
 
-def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 30) -> list[dict[str, Any]]:
+def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 30, normal_per_digit: int | None = None) -> list[dict[str, Any]]:
     """Write the mirrored digit images under ``out_dir/images/`` and return their metadata rows.
 
     Args:
@@ -61,6 +65,8 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
         image_size: Height and width of the written images in pixels.
         per_digit: Training images per digit (the validation split adds about one in ten more);
             at most 150 (scikit-learn has about 180 of each digit).
+        normal_per_digit: How many of those also appear unflipped, captioned as normal digits
+            (regularisation images; 0 for mirrored images only); ``None`` means ``per_digit``.
     """
     from sklearn.datasets import load_digits  # offline: the data ships inside scikit-learn
 
@@ -68,6 +74,9 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
         raise ValueError(f"image_size must be at least 8 for digits, got {image_size}")
     if not 1 <= per_digit <= 150:
         raise ValueError(f"per_digit must be between 1 and 150, got {per_digit}")
+    normal_per_digit = per_digit if normal_per_digit is None else normal_per_digit
+    if not 0 <= normal_per_digit <= per_digit:
+        raise ValueError(f"normal_per_digit must be between 0 and per_digit={per_digit}, got {normal_per_digit}")
     digits = load_digits()
     seen = dict.fromkeys(MIRRORED_DIGITS, 0)
     train = dict.fromkeys(MIRRORED_DIGITS, 0)
@@ -91,4 +100,9 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
                 "split": "validation" if is_val else "train",
             }
         )
+        if train[label] - (not is_val) < normal_per_digit:
+            normal_name = f"images/{i:05d}-normal.png"
+            save_png(upscale_digit(pixels, image_size), out_dir / normal_name)
+            rows.append({"file_name": normal_name, "text": digit_captions(label), "label": label, "mirrored": False,
+                         "source_index": i, "split": "validation" if is_val else "train"})
     return rows
