@@ -2,6 +2,7 @@
 #   make demo   train the autoencoder and the text-to-image model on the bundled digits,
 #               write outputs/demo_samples.png and export checkpoints/demo/
 #   make test   run the test suite
+#   make finetune-demo   (after make demo) LoRA fine-tune of the demo on mirrored digits, scored before/after
 # Elsewhere, pick the torch build for your machine: make demo TORCH="torch torchvision"
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.ldm-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo finetune-demo test clean
 
 install: $(STAMP)
 
@@ -28,8 +29,15 @@ demo: $(STAMP)
 	$(BIN)/ldm fit --config configs/diffusion/digits.yaml
 	$(BIN)/ldm evaluate digits --model checkpoints/demo --steps 20 --guidance 5 --out outputs/demo_samples.png
 
+finetune-demo: $(STAMP)
+	test -f checkpoints/demo/model_index.json || { echo "run make demo first (it writes checkpoints/demo)"; exit 1; }
+	$(BIN)/ldm data prepare mirrored_digits --out data/mirrored_digits
+	$(BIN)/ldm evaluate mirrored --model checkpoints/demo --grid outputs/mirrored_before.png
+	$(BIN)/ldm fit --config configs/finetune/demo-lora.yaml
+	$(BIN)/ldm evaluate mirrored --model checkpoints/demo --lora checkpoints/demo-mirrored-lora --grid outputs/mirrored_after.png
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf logs outputs lightning_logs checkpoints/digits-vae checkpoints/digits-tokenizer checkpoints/demo data/cache
+	rm -rf logs outputs lightning_logs checkpoints/digits-vae checkpoints/digits-tokenizer checkpoints/demo checkpoints/demo-mirrored-lora data/cache

@@ -116,10 +116,31 @@ def _reconstruct_main(args: list[str]) -> None:
     print(f"Wrote the reconstruction grid (top: originals, bottom: reconstructions) to {ns.out}")
 
 
+def _add_loading_args(parser: argparse.ArgumentParser) -> None:
+    """Options of LatentDiffusionPipeline.from_pretrained and LoRA loading, shared by generate and convert."""
+    parser.add_argument("--tokenizer", default=None, help="SD single file: tokenizer folder (such files hold none; default: the hub's)")
+    parser.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                        help="override the model's prediction type (SD 2.x 768-v single files: v_prediction)")
+    parser.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the EMA ones (.ckpt, SD files)")
+    parser.add_argument("--lora", default=None, help="LoRA adapter (.safetensors, or a folder with pytorch_lora_weights.safetensors)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
+
+
+def _load_pipeline(ns: argparse.Namespace, device: str | None = None):
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(ns.model, device=device, use_ema=not ns.raw_weights,
+                                                   prediction_type=ns.prediction_type, tokenizer=ns.tokenizer)
+    if ns.lora:
+        pipe.load_lora(ns.lora, scale=ns.lora_scale)
+    return pipe
+
+
 def _generate_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ldm generate", description="Generate images from a text prompt (text-to-image, img2img, inpainting).")
     parser.add_argument("prompt", help="the text prompt (\"\" for unconditional)")
-    parser.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo) or a LatentDiffusion .ckpt")
+    parser.add_argument("--model", required=True, help="ldm or diffusers folder (e.g. checkpoints/demo), LatentDiffusion .ckpt or SD single file")
+    _add_loading_args(parser)
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -141,12 +162,11 @@ def _generate_main(args: list[str]) -> None:
 
     from ldm.data.images import load_rgb
     from ldm.image_io import save_png_with_metadata
-    from ldm.pipeline import LatentDiffusionPipeline
 
     if ns.mask and not ns.init_image:
         parser.error("--mask needs --init-image")
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = LatentDiffusionPipeline.from_pretrained(ns.model, device=device)
+    pipe = _load_pipeline(ns, device)
     common = dict(negative_prompt=ns.negative_prompt, num_inference_steps=ns.steps, guidance_scale=ns.guidance, sampler=ns.sampler,
                   num_images_per_prompt=ns.num_images, seed=ns.seed, karras_sigmas=ns.karras)
     mode = "txt2img"
@@ -178,14 +198,15 @@ def _slug(text: str) -> str:
 
 def _convert_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ldm convert", description="Convert a text-to-image model between formats.")
-    parser.add_argument("src", help="ldm folder, diffusers folder, or LatentDiffusion .ckpt")
+    parser.add_argument("model", metavar="src", help="ldm folder, diffusers folder, LatentDiffusion .ckpt or SD single file")
     parser.add_argument("dst", help="output folder (ldm, diffusers) or .safetensors file (sd)")
     parser.add_argument("--to", required=True, choices=["ldm", "diffusers", "sd"], help="output format")
-    parser.add_argument("--raw-weights", action="store_true", help="from a .ckpt: the raw weights instead of the EMA ones")
+    _add_loading_args(parser)
     ns = parser.parse_args(args)
-    from ldm.pipeline import LatentDiffusionPipeline
 
-    pipe = LatentDiffusionPipeline.from_pretrained(ns.src, use_ema=not ns.raw_weights)
+    pipe = _load_pipeline(ns)
+    if ns.lora:  # written merged into the base weights: a plain model every tool loads
+        pipe.merge_lora()
     print(f"Wrote {pipe.save_pretrained(ns.dst, format=ns.to)} ({ns.to})")
 
 
@@ -194,6 +215,7 @@ def _evaluate_main(args: list[str]) -> None:
     sub = parser.add_subparsers(dest="task", required=True)
     digits = sub.add_parser("digits", help="prompt accuracy on 'a handwritten digit N' with a classifier trained on real digits")
     digits.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
+    _add_loading_args(digits)
     digits.add_argument("--steps", type=int, default=20, help="sampler steps")
     digits.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     digits.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
@@ -202,8 +224,7 @@ def _evaluate_main(args: list[str]) -> None:
     digits.add_argument("--out", default="outputs/demo_samples.png", help="PNG grid: one row per digit 0..9")
     mirrored = sub.add_parser("mirrored", help="'a mirrored digit N' vs 'a handwritten digit N' judged by digit and orientation")
     mirrored.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
-    mirrored.add_argument("--lora", default=None, help="LoRA adapter (.safetensors) to load onto the model")
-    mirrored.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
+    _add_loading_args(mirrored)
     mirrored.add_argument("--steps", type=int, default=20, help="sampler steps")
     mirrored.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     mirrored.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
@@ -213,16 +234,12 @@ def _evaluate_main(args: list[str]) -> None:
     mirrored.add_argument("--grid", default="outputs/mirrored_samples.png", help="PNG grid: mirrored prompts' rows, then normal")
     ns = parser.parse_args(args)
 
-    from ldm.pipeline import LatentDiffusionPipeline
-
-    pipe = LatentDiffusionPipeline.from_pretrained(ns.model)
+    pipe = _load_pipeline(ns)
     if ns.task == "mirrored":
         import json
 
         from ldm.evaluation.mirrored_digits import evaluate_mirrored_prompts
 
-        if ns.lora is not None:
-            pipe.load_lora(ns.lora, scale=ns.lora_scale)
         result = evaluate_mirrored_prompts(pipe, ns.steps, ns.guidance, ns.sampler, ns.per_digit, ns.seed, ns.grid, ns.batch_size)
         adapter = f"LoRA {ns.lora} x{ns.lora_scale}" if ns.lora else "no LoRA"
         print(f"{ns.model} ({adapter}; {ns.sampler}, {ns.steps} steps, guidance {ns.guidance}), {result['samples']} samples:")

@@ -50,3 +50,13 @@ def test_finetune_config_runs(tmp_path, monkeypatch, tiny_sd_file, config, resul
         pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "checkpoints" / "sd-finetune")
     images = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    if config == "sd-lora.yaml":
+        # The CLI twins: generate with the adapter, and bake it into a plain SD file.
+        main(["generate", "image 1", "--model", str(sd_file), "--lora", "checkpoints/sd-lora", "--seed", "0", "--steps", "2",
+              "--out", "gen", "--device", "cpu"])
+        assert len(list(Path("gen").glob("*.png"))) == 1
+        main(["convert", str(sd_file), "merged.safetensors", "--to", "sd", "--lora", "checkpoints/sd-lora"])
+        merged = LatentDiffusionPipeline.from_pretrained("merged.safetensors")
+        assert not any("lora" in k for k in merged.unet.state_dict())
+        again = merged("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False).images
+        torch.testing.assert_close(again, images, atol=1e-4, rtol=0)
