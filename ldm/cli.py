@@ -210,24 +210,26 @@ def _convert_main(args: list[str]) -> None:
     print(f"Wrote {pipe.save_pretrained(ns.dst, format=ns.to)} ({ns.to})")
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+
+
 def _evaluate_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ldm evaluate", description="Evaluate an exported text-to-image model.")
     sub = parser.add_subparsers(dest="task", required=True)
     digits = sub.add_parser("digits", help="prompt accuracy on 'a handwritten digit N' with a classifier trained on real digits")
     digits.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
     _add_loading_args(digits)
-    digits.add_argument("--steps", type=int, default=20, help="sampler steps")
-    digits.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    digits.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    _add_sampling_args(digits)
     digits.add_argument("--per-digit", type=int, default=10, help="samples per digit")
     digits.add_argument("--seed", type=int, default=0, help="first seed")
     digits.add_argument("--out", default="outputs/demo_samples.png", help="PNG grid: one row per digit 0..9")
     mirrored = sub.add_parser("mirrored", help="'a mirrored digit N' vs 'a handwritten digit N' judged by digit and orientation")
     mirrored.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
     _add_loading_args(mirrored)
-    mirrored.add_argument("--steps", type=int, default=20, help="sampler steps")
-    mirrored.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    mirrored.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    _add_sampling_args(mirrored)
     mirrored.add_argument("--per-digit", type=int, default=10, help="samples per prompt (digits 2-7, 9; mirrored and normal)")
     mirrored.add_argument("--seed", type=int, default=0, help="first seed (shared by the mirrored and normal prompt of a digit)")
     mirrored.add_argument("--batch-size", type=int, default=100, help="images per pipeline call")

@@ -72,6 +72,24 @@ def tiny_ldm_kwargs(assets: dict[str, Path], **overrides) -> dict:
     return {**kwargs, **overrides}
 
 
+def save_tiny_base_model(root: Path) -> tuple[dict[str, Path], Path]:
+    """A tiny untrained LatentDiffusion exported as an ldm folder, standing in for a pretrained model: its
+    zero-initialised output layers (CompVis init) get random weights, as a trained model's are not zero."""
+    import lightning.pytorch as pl
+    import torch
+
+    from ldm.models import LatentDiffusion
+
+    assets = make_ldm_assets(root / "assets")
+    pl.seed_everything(0)
+    model = LatentDiffusion(**tiny_ldm_kwargs(assets))
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return assets, model.save_pretrained(root / "ours")
+
+
 @pytest.fixture
 def ldm_assets(tmp_path: Path) -> dict[str, Path]:
     return make_ldm_assets(tmp_path / "assets")

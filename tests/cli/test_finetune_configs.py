@@ -16,15 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_sd_file(tmp_path_factory):
     """A tiny model written as an SD single file (the stand-in for v1-5-pruned.safetensors)."""
-    import lightning.pytorch as pl
-
-    from conftest import make_ldm_assets, tiny_ldm_kwargs
-    from ldm.models import LatentDiffusion
+    from conftest import save_tiny_base_model
 
     root = tmp_path_factory.mktemp("sd")
-    assets = make_ldm_assets(root / "assets")
-    pl.seed_everything(0)
-    folder = LatentDiffusion(**tiny_ldm_kwargs(assets)).save_pretrained(root / "ours")
+    assets, folder = save_tiny_base_model(root)
     return LatentDiffusionPipeline.from_pretrained(folder).save_pretrained(root / "tiny.safetensors", format="sd"), assets["data"]
 
 

@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import tiny_ldm_kwargs
 from ldm.data import ImageCaptionDataModule
 from ldm.models import LatentDiffusion, SavePretrained
 from ldm.pipeline import LatentDiffusionPipeline
@@ -21,17 +20,10 @@ PROMPT = "picture 3"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny base model (random weights: its loss is high, so fine-tuning has something to learn) in three layouts."""
-    from conftest import make_ldm_assets
+    from conftest import save_tiny_base_model
 
     root = tmp_path_factory.mktemp("base")
-    assets = make_ldm_assets(root / "assets")
-    pl.seed_everything(0)
-    model = LatentDiffusion(**tiny_ldm_kwargs(assets))
-    with torch.no_grad():  # CompVis zero-initialises output layers; a pretrained model's are not zero
-        for p in model.unet.parameters():
-            if p.ndim > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    ours = model.save_pretrained(root / "ours")
+    assets, ours = save_tiny_base_model(root)
     pipe = LatentDiffusionPipeline.from_pretrained(ours)
     return {
         "assets": assets,
