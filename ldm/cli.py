@@ -205,8 +205,7 @@ def _convert_main(args: list[str]) -> None:
     ns = parser.parse_args(args)
 
     pipe = _load_pipeline(ns)
-    if ns.lora:  # written merged into the base weights: a plain model every tool loads
-        pipe.merge_lora()
+    pipe.merge_lora()  # --lora, or a LoRA fine-tune's .ckpt: written merged, a plain model every tool loads
     print(f"Wrote {pipe.save_pretrained(ns.dst, format=ns.to)} ({ns.to})")
 
 

@@ -87,7 +87,12 @@ class LatentDiffusionPipeline:
 
     def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
         """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
-        loads) or ``sd`` (an original single-file ``.safetensors`` checkpoint)."""
+        loads) or ``sd`` (an original single-file ``.safetensors`` checkpoint). Loaded LoRA adapters must be
+        merged first (:meth:`merge_lora`); the adapter file itself is what :func:`ldm.nn.lora.save_lora` writes."""
+        from ldm.nn.lora import lora_layers
+
+        if lora_layers(self.unet) or lora_layers(self.text_encoder):
+            raise ValueError("this pipeline has LoRA adapters loaded: call merge_lora() to save the merged model")
         if format == "ldm":
             vae_config = {**self.vae_config, "scaling_factor": self.scaling_factor, "disc_weight": 0.0}
             return write_pipeline_folder(path, self.unet_config, self.unet.state_dict(), vae_config, self.vae.state_dict(),

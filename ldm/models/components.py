@@ -127,8 +127,12 @@ def _from_diffusers(folder: Path) -> ModelComponents:
 
 def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None) -> ModelComponents:
     if path.suffix != ".safetensors":
-        # mmap: telling a Lightning checkpoint from an SD .ckpt does not read the whole file.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap: telling a Lightning checkpoint from an SD .ckpt does not read the whole file. Files this cannot
+        # read (legacy format, unsafe pickles) go on to the SD reader, which explains what is wrong.
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001
+            ckpt = None
         if isinstance(ckpt, dict) and "unet" in ckpt.get("hyper_parameters", {}):
             return _from_lightning_checkpoint(path, ckpt, use_ema)
         del ckpt
@@ -148,6 +152,7 @@ def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) 
     model = LatentDiffusion(**hparams)
     state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     model.load_trained_state(state, str(path))
+    model.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32
     image_size = ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
     vae_config = {**model.vae_config, "scaling_factor": float(model.scaling_factor)}
     return ModelComponents(model.unet.eval(), model.autoencoder.eval(), model.text_encoder.eval(), model.schedule, model.prediction_type,

@@ -114,3 +114,40 @@ class CachedLatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         caption = self.dataset.caption(index)  # no image decode: the latents are cached
         return {"moments": self.moments[index], "text": caption, "index": index}
+
+
+def cache_latents(cache_dir: Path, dataset, image_size: int, vae: torch.nn.Module,
+                  encode: Callable[[torch.Tensor], object], strategy) -> CachedLatentDataset:
+    """Wrap ``dataset`` (records with ``root``/``records``) so that it serves cached VAE moments.
+
+    ``encode`` maps a batch of images on the strategy's device to a posterior with ``.moments``; the key
+    covers the image files, ``image_size`` and the weights of ``vae``'s encoder side.
+    """
+    key = fingerprint(
+        "latents", image_size, file_signature(dataset.root, [r.path for r in dataset.records]),
+        tensors=list(vae.encoder.state_dict().values()) + list(vae.quant_conv.state_dict().values()),
+    )
+    device = strategy.root_device
+
+    def encode_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
+        return {"moments": encode(images).moments.float()}
+
+    cached = build_or_load_shards(cache_dir / f"latents-{key}", len(dataset), encode_batch, strategy.global_rank,
+                                  strategy.world_size, lambda: strategy.barrier("ldm_latent_cache"))
+    return CachedLatentDataset(dataset, cached["moments"])
+
+
+def cache_text_embeddings(cache_dir: Path, dataset, text_encoder, strategy) -> dict[str, torch.Tensor]:
+    """Frozen text-encoder outputs of every caption of ``dataset`` (and the empty prompt), by caption."""
+    captions = sorted({c for r in dataset.records for c in r.captions} | {""})
+    key = fingerprint("text", captions, text_encoder.layer, tensors=list(text_encoder.state_dict().values()))
+    text_encoder.to(strategy.root_device)
+
+    def encode_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"context": text_encoder.encode([captions[i] for i in indices]).float()}
+
+    cached = build_or_load_shards(cache_dir / f"text-{key}", len(captions), encode_batch, strategy.global_rank,
+                                  strategy.world_size, lambda: strategy.barrier("ldm_text_cache"))
+    return dict(zip(captions, cached["context"]))

@@ -17,12 +17,13 @@ from ldm.diffusion import NoiseSchedule, loss_weights, normalize_prediction_type
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.components import load_components
 from ldm.models.image_logging import log_image_grid
-from ldm.models.latent_cache import CachedLatentDataset, build_or_load_shards, file_signature, fingerprint
+from ldm.models.frozen_weights import cast_frozen, check_only_frozen_missing, frozen_state_keys
+from ldm.models.latent_cache import cache_latents, cache_text_embeddings
 from ldm.models.pretrained import write_pipeline_folder
 from ldm.models.sampling import sample_latents
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.lora import DIFFUSERS_LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
-from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.text_encoder import LAYERS, TextEncoder
 from ldm.nn.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class LatentDiffusion(pl.LightningModule):
             (``ldm data tokenizer`` writes one); with ``init_from`` an SD single file, its tokenizer
             (such files hold none; default ``openai/clip-vit-large-patch14``, which needs network).
         text_encoder_config: Size of that small CLIP: ``hidden_size``, ``num_layers``, ``num_heads``.
-        text_encoder_layer: ``last`` or ``penultimate`` hidden layer as the context (SD 2.x: penultimate).
+        text_encoder_layer: ``last`` or ``penultimate`` hidden layer as the context (SD 2.x: penultimate);
+            ``None``: that of ``init_from`` (SD 2.x single files: penultimate), else ``last``.
         train_text_encoder: Train the text encoder jointly (needed for the small one); frozen otherwise.
         prediction_type: ``epsilon`` or ``v_prediction``; ``None``: that of ``init_from``, else ``epsilon``.
         schedule: Noise schedule kind: ``linear``, ``scaled_linear`` (SD) or ``cosine``; ``None``: that of
@@ -105,7 +107,7 @@ class LatentDiffusion(pl.LightningModule):
         text_encoder: str | None = None,
         tokenizer: str | None = None,
         text_encoder_config: dict[str, int] | None = None,
-        text_encoder_layer: str = "last",
+        text_encoder_layer: str | None = None,
         train_text_encoder: bool = False,
         prediction_type: str | None = None,
         schedule: str | None = None,
@@ -165,7 +167,7 @@ class LatentDiffusion(pl.LightningModule):
         elif lora_text_encoder:
             raise ValueError("lora_text_encoder needs lora_rank > 0")
         if frozen_dtype is not None:
-            self._cast_frozen({"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype])
+            cast_frozen([self.autoencoder, self.text_encoder, self.unet], {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype])
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
         self._text_cache: dict[str, torch.Tensor] | None = None
@@ -183,7 +185,7 @@ class LatentDiffusion(pl.LightningModule):
         if text_encoder is not None:
             self.text_encoder = TextEncoder.from_pretrained(text_encoder, layer=text_encoder_layer)
         elif tokenizer is not None:
-            self.text_encoder = TextEncoder.from_config(tokenizer, layer=text_encoder_layer, **(text_encoder_config or {}))
+            self.text_encoder = TextEncoder.from_config(tokenizer, layer=text_encoder_layer or "last", **(text_encoder_config or {}))
         else:
             raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
         unet_args = {"context_dim": self.text_encoder.hidden_size, "in_channels": self.autoencoder.latent_channels,
@@ -204,20 +206,15 @@ class LatentDiffusion(pl.LightningModule):
         self.vae_config = parts.vae_config
         self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
         self.text_encoder = parts.text_encoder
-        if layer != "last" and layer != self.text_encoder.layer:
+        if layer is not None:
+            if layer not in LAYERS:
+                raise ValueError(f"text_encoder_layer={layer!r}; use one of {LAYERS}")
             self.text_encoder.layer = layer
         self.unet_config = parts.unet_config
         self.unet = parts.unet.train()
         self.unet.requires_grad_(True)
         self.schedule = parts.schedule
         log.info("fine-tuning from %s (%s prediction, %s)", path, self.prediction_type, self.schedule.kind)
-
-    def _cast_frozen(self, dtype: torch.dtype) -> None:
-        """Store parameters that do not train in ``dtype`` (LoRA and trainable weights stay fp32)."""
-        for module in (self.autoencoder, self.text_encoder, self.unet):
-            for name, param in module.named_parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
 
     # ----------------------------------------------------------------- conditioning
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -341,7 +338,7 @@ class LatentDiffusion(pl.LightningModule):
         # checkpoint then holds the adapters and optimiser state only). Not with weight averaging, whose
         # callback reloads the whole module strictly.
         if self.hparams.init_from is not None and not any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
-            frozen = self.frozen_state_keys()
+            frozen = frozen_state_keys(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
             checkpoint["ldm_frozen_keys_omitted"] = len(frozen)
 
@@ -349,28 +346,15 @@ class LatentDiffusion(pl.LightningModule):
         if "ldm_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["ldm_rng_state"])
         if "ldm_frozen_keys_omitted" in checkpoint:
-            self._check_omitted(checkpoint["state_dict"], "the checkpoint")
+            check_only_frozen_missing(self, checkpoint["state_dict"], "the checkpoint")
             self.strict_loading = False
-
-    def frozen_state_keys(self) -> set[str]:
-        """State-dict keys that ``init_from`` restores: all but trainable parameters and top-level buffers."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k for k in self.state_dict() if k not in trainable and "." in k}
-
-    def _check_omitted(self, state: dict[str, torch.Tensor], source: str) -> None:
-        missing = set(self.state_dict()) - set(state)
-        unexpected = set(state) - set(self.state_dict())
-        not_frozen = missing - self.frozen_state_keys()
-        if not_frozen or unexpected:
-            raise ValueError(f"{source} does not fit this model: missing trained weights {sorted(not_frozen)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
 
     def load_trained_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load a checkpoint's ``state_dict``; with ``init_from`` it may lack the frozen weights (restored from there)."""
         if self.hparams.init_from is None:
             self.load_state_dict(state)
             return
-        self._check_omitted(state, source)
+        check_only_frozen_missing(self, state, source)
         self.load_state_dict(state, strict=False)
 
     # ----------------------------------------------------------------- cache
@@ -383,38 +367,13 @@ class LatentDiffusion(pl.LightningModule):
         if getattr(dm, "crop", "center") != "center" or getattr(dm, "random_flip", False):
             log.warning("latent cache disabled: random crops/flips change the image every epoch")
             return
-        dataset = dm.train_dataset
         strategy = self.trainer.strategy
-        key = fingerprint(
-            "latents", dm.image_size, file_signature(dataset.root, [r.path for r in dataset.records]),
-            tensors=list(self.autoencoder.encoder.state_dict().values()) + list(self.autoencoder.quant_conv.state_dict().values()),
-        )
-        device = strategy.root_device
-        self.autoencoder.to(device)
-
-        def encode(indices: list[int]) -> dict[str, torch.Tensor]:
-            images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
-            return {"moments": self.vae_encode(images).moments}
-
-        cached = build_or_load_shards(Path(self.hparams.cache_dir) / f"latents-{key}", len(dataset), encode,
-                                      strategy.global_rank, strategy.world_size, lambda: strategy.barrier("ldm_latent_cache"))
-        dm.train_dataset = CachedLatentDataset(dataset, cached["moments"])
+        self.autoencoder.to(strategy.root_device)
+        dm.train_dataset = cache_latents(Path(self.hparams.cache_dir), dm.train_dataset, dm.image_size, self.autoencoder,
+                                         self.vae_encode, strategy)
         if not self.text_encoder.trainable:
-            self._cache_text(dataset, strategy)
-
-    def _cache_text(self, dataset, strategy) -> None:
-        captions = sorted({c for r in dataset.records for c in r.captions} | {""})
-        te = self.text_encoder
-        key = fingerprint("text", captions, te.layer, tensors=list(te.state_dict().values()))
-        te.to(strategy.root_device)
-
-        def encode(indices: list[int]) -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                return {"context": te.encode([captions[i] for i in indices]).float()}
-
-        cached = build_or_load_shards(Path(self.hparams.cache_dir) / f"text-{key}", len(captions), encode,
-                                      strategy.global_rank, strategy.world_size, lambda: strategy.barrier("ldm_text_cache"))
-        self._text_cache = dict(zip(captions, cached["context"]))
+            self._text_cache = cache_text_embeddings(Path(self.hparams.cache_dir), dm.train_dataset.dataset, self.text_encoder,
+                                                     strategy)
 
     # ----------------------------------------------------------------- export
     @property

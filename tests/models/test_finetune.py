@@ -131,6 +131,13 @@ def test_lora_checkpoint_is_slim_and_resumes(base, tmp_path):
     # The pipeline reads the slim checkpoint (frozen weights from init_from) ...
     pipe = LatentDiffusionPipeline.from_pretrained(last)
     torch.testing.assert_close(pipe(PROMPT, **KW).images, LatentDiffusionPipeline.from_components(_components(model))(PROMPT, **KW).images)
+    with pytest.raises(ValueError, match="merge_lora"):
+        pipe.save_pretrained(tmp_path / "unmerged")
+    from ldm.cli import main
+
+    main(["convert", str(last), str(tmp_path / "merged.safetensors"), "--to", "sd"])  # adapters baked in
+    merged = LatentDiffusionPipeline.from_pretrained(tmp_path / "merged.safetensors")
+    torch.testing.assert_close(merged(PROMPT, **KW).images, pipe(PROMPT, **KW).images, atol=1e-4, rtol=0)
     # ... and training resumes from it.
     resumed = LatentDiffusion(**kwargs)
     trainer = _trainer(tmp_path, 5, enable_checkpointing=False)
