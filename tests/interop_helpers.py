@@ -30,6 +30,18 @@ TINY_UNET_DIFFUSERS = dict(
 )
 TINY_V1 = dict(TINY_UNET_DIFFUSERS, attention_head_dim=8)  # 8 heads at every level, conv projections
 TINY_V2 = dict(TINY_UNET_DIFFUSERS, attention_head_dim=(2, 4), use_linear_projection=True)  # 16-wide heads, linear
+# Stable Diffusion 1.x/2.x VAE as a diffusers AutoencoderKL config.
+SD_VAE_DIFFUSERS = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=256,
+)
+
 TINY_VAE_DIFFUSERS = dict(
     in_channels=3,
     out_channels=3,

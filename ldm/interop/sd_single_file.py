@@ -127,27 +127,33 @@ def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str
         ) from error
 
 
-def _text_encoder(part: dict[str, torch.Tensor], stored: dict[str, Any], layer: str | None, tokenizer: CLIPTokenizer,
-                  path: Path) -> tuple[TextEncoder, str]:
+def _text_layout(part: dict[str, torch.Tensor], path: Path) -> str:
+    """``"v1"`` (OpenAI CLIP under ``transformer.``) or ``"v2"`` (OpenCLIP under ``model.``)."""
     if not part:
         raise ValueError(f"{path} has no text encoder (cond_stage_model.*); ldm needs one to generate from text")
     if all(k.startswith("transformer.") for k in part):
-        state, version, default_layer = sd_v1_clip_to_transformers(part), "v1", "last"
+        return "v1"
+    if all(k.startswith("model.") for k in part):
+        return "v2"
+    odd = sorted(k for k in part if not k.startswith(("transformer.", "model.")))
+    raise ValueError(f"{path}: unknown text-encoder layout under cond_stage_model. (expected transformer.* for SD v1 "
+                     f"or model.* for SD v2), e.g. {odd[:5]}")
+
+
+def _text_encoder(part: dict[str, torch.Tensor], layout: str, stored: dict[str, Any], layer: str | None,
+                  tokenizer: CLIPTokenizer, path: Path) -> TextEncoder:
+    if layout == "v1":
+        state, default_layer = sd_v1_clip_to_transformers(part), "last"
         config = clip_config_from_state(state, hidden_act="quick_gelu")
-    elif all(k.startswith("model.") for k in part):
-        state, config = openclip_to_transformers(part)
-        version, default_layer = "v2", "penultimate"
     else:
-        odd = sorted(k for k in part if not k.startswith(("transformer.", "model.")))
-        raise ValueError(f"{path}: unknown text-encoder layout under cond_stage_model. (expected transformer.* for SD v1 "
-                         f"or model.* for SD v2), e.g. {odd[:5]}")
+        (state, config), default_layer = openclip_to_transformers(part), "penultimate"
     if "text_encoder" in stored:
         config = CLIPTextConfig(**stored["text_encoder"])
     model = CLIPTextModel(config)
     _load_strict(model, state, "text encoder", path)
     layer = layer or stored.get("text_encoder_layer") or default_layer
     max_length = stored.get("text_encoder_max_length") or min(int(tokenizer.model_max_length), config.max_position_embeddings)
-    return TextEncoder(model, tokenizer, layer=layer, max_length=max_length).eval(), version
+    return TextEncoder(model, tokenizer, layer=layer, max_length=max_length).eval()
 
 
 def read_sd_single_file(
@@ -191,9 +197,9 @@ def read_sd_single_file(
         raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
     vae = KLAutoencoder(**vae_config)
     _load_strict(vae, parts["vae"], "VAE", path)
-    text_version = "v2" if parts["text_encoder"] and all(k.startswith("model.") for k in parts["text_encoder"]) else "v1"
-    tok = _tokenizer(tokenizer, stored_tokenizer, text_version)
-    text_encoder, _ = _text_encoder(parts["text_encoder"], stored, text_encoder_layer, tok, path)
+    layout = _text_layout(parts["text_encoder"], path)
+    tok = _tokenizer(tokenizer, stored_tokenizer, layout)
+    text_encoder = _text_encoder(parts["text_encoder"], layout, stored, text_encoder_layer, tok, path)
 
     prediction = prediction_type or stored.get("prediction_type") or sidecar.get("parameterization") or "epsilon"
     if prediction not in _PREDICTION:

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import torch
-from interop_helpers import TINY_VAE_DIFFUSERS, randomize_
+from interop_helpers import SD_VAE_DIFFUSERS, TINY_VAE_DIFFUSERS, randomize_
 
 from ldm.interop.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
 from ldm.nn.autoencoder import KLAutoencoder
 
-SD_VAE_DIFFUSERS = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=256,
-)
 
 
 def test_sd_config_converts_to_our_defaults_and_back():

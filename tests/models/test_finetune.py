@@ -47,8 +47,7 @@ def _fixed_loss(model: LatentDiffusion, base) -> float:
     """Mean training loss over the training images, with fixed noise, timesteps and captions (no dropout)."""
     dm = _dm(base)
     dm.setup("fit")
-    images = torch.stack([dm.train_dataset.dataset[i]["image"] if hasattr(dm.train_dataset, "dataset") else dm.train_dataset[i]["image"]
-                          for i in range(len(dm.train_dataset))])
+    images = torch.stack([dm.train_dataset[i]["image"] for i in range(len(dm.train_dataset))])
     texts = [f"image {i}" for i in range(len(images))]
     model.eval()
     with torch.no_grad():

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from interop_helpers import SD_VAE_DIFFUSERS
 
 from ldm.nn import DiagonalGaussianDistribution, KLAutoencoder, NLayerDiscriminator
 from ldm.nn.vae_blocks import AttnBlock
@@ -28,15 +29,7 @@ def test_attention_resolutions_add_attention_blocks():
 
 def test_sd_configuration_has_the_parameter_shapes_of_diffusers_sd_vae():
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-    )
+    ref = diffusers.AutoencoderKL(**SD_VAE_DIFFUSERS)
     ours = KLAutoencoder()  # the defaults are SD's
     n_ours = sum(p.numel() for p in ours.parameters())
     assert n_ours == sum(p.numel() for p in ref.parameters()) == 83_653_863
