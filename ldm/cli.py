@@ -122,6 +122,10 @@ def _add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                         help="override the model's prediction type (SD 2.x 768-v single files: v_prediction)")
     parser.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the EMA ones (.ckpt, SD files)")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="SD single file: UNet attention heads, when not SD's (shapes cannot tell; default: its YAML's, else v1 8)")
+    parser.add_argument("--num-head-channels", type=int, default=None,
+                        help="SD single file: channels per UNet attention head instead of --num-heads (SD v2: 64)")
     parser.add_argument("--lora", default=None, help="LoRA adapter (.safetensors, or a folder with pytorch_lora_weights.safetensors)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
 
@@ -130,7 +134,8 @@ def _load_pipeline(ns: argparse.Namespace, device: str | None = None):
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(ns.model, device=device, use_ema=not ns.raw_weights,
-                                                   prediction_type=ns.prediction_type, tokenizer=ns.tokenizer)
+                                                   prediction_type=ns.prediction_type, tokenizer=ns.tokenizer,
+                                                   num_heads=ns.num_heads, num_head_channels=ns.num_head_channels)
     if ns.lora:
         pipe.load_lora(ns.lora, scale=ns.lora_scale)
     return pipe

@@ -7,14 +7,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from ldm.diffusion import SAMPLERS, NoiseSchedule, noise_to_step, sample
+from ldm.diffusion import SAMPLERS, NoiseSchedule, SamplerConfig, noise_to_step, sample
 from ldm.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
 from ldm.models.components import ModelComponents, load_components, vae_kwargs
 from ldm.models.pretrained import write_pipeline_folder
@@ -47,22 +47,22 @@ class LatentDiffusionPipeline:
 
     def __init__(self, unet: UNetModel, vae: KLAutoencoder, text_encoder: TextEncoder, schedule: NoiseSchedule,
                  prediction_type: str, scaling_factor: float, sample_size: int | None = None,
-                 unet_config: dict | None = None, vae_config: dict | None = None, steps_offset: int = 0,
-                 timestep_spacing: str = "leading"):
+                 unet_config: dict | None = None, vae_config: dict | None = None,
+                 sampler_config: SamplerConfig = SamplerConfig()):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, float(scaling_factor)
         self.sample_size = sample_size or 64 * vae.downsampling_factor
         self.unet_config, self.vae_config = unet_config or {}, vae_config or {}
         self.vae_slicing = False
         self.vae_tile_size: int | None = None
-        # Timestep conventions of the model's scheduler (diffusers' SD folders: steps_offset 1).
-        self.steps_offset, self.timestep_spacing = int(steps_offset), timestep_spacing
+        # The model's timestep layout and final-step settings (SD: steps_offset 1, DDIM ends at alphas_cumprod[0]).
+        self.sampler_config = sampler_config
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        use_ema: bool = True, prediction_type: str | None = None,
-                        tokenizer: str | Path | None = None) -> "LatentDiffusionPipeline":
+                        use_ema: bool = True, prediction_type: str | None = None, tokenizer: str | Path | None = None,
+                        num_heads: int | None = None, num_head_channels: int | None = None) -> "LatentDiffusionPipeline":
         """Load a model in any layout ldm reads, detected from ``path``: our exported folder, a diffusers Stable
         Diffusion folder, a Lightning ``.ckpt`` of ``LatentDiffusion`` or an original SD single file
         (``.safetensors``/``.ckpt``, v1/v2/inpainting).
@@ -73,17 +73,21 @@ class LatentDiffusionPipeline:
             dtype: UNet and text-encoder dtype (the VAE stays fp32).
             use_ema: EMA weights of a Lightning checkpoint or SD file, when present.
             prediction_type: ``epsilon`` or ``v_prediction``, overriding the stored one (an SD 2.x 768-v single
-                file needs ``v_prediction``).
+                file needs ``v_prediction``, or its YAML beside it; then the default size is 768).
             tokenizer: Tokenizer folder (or hub id) for an SD single file, which holds none.
+            num_heads: UNet attention heads of an SD single file whose heads differ from SD's (shapes cannot
+                tell; else from its YAML beside it, or SD's: v1 8 heads, v2 64-channel heads).
+            num_head_channels: Channels per UNet attention head of such a file, instead of ``num_heads``.
         """
-        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer)
+        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer,
+                                num_heads=num_heads, num_head_channels=num_head_channels)
         return cls.from_components(parts).to(device, dtype)
 
     @classmethod
     def from_components(cls, parts: ModelComponents) -> "LatentDiffusionPipeline":
         """A pipeline over already-loaded :class:`~ldm.models.components.ModelComponents`."""
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.prediction_type, parts.scaling_factor,
-                   parts.sample_size, parts.unet_config, parts.vae_config, parts.steps_offset, parts.timestep_spacing)
+                   parts.sample_size, parts.unet_config, parts.vae_config, parts.sampler_config)
 
     def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
         """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
@@ -96,14 +100,14 @@ class LatentDiffusionPipeline:
         if format == "ldm":
             vae_config = {**self.vae_config, "scaling_factor": self.scaling_factor, "disc_weight": 0.0}
             return write_pipeline_folder(path, self.unet_config, self.unet.state_dict(), vae_config, self.vae.state_dict(),
-                                         self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size)
+                                         self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size,
+                                         self.sampler_config)
         if format == "diffusers":
             from ldm.interop import write_diffusers_folder
 
             return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), vae_kwargs(self.vae_config),
                                           self.text_encoder.model, self.text_encoder.tokenizer,
-                                          {**self.schedule.to_diffusers_scheduler_config(), "steps_offset": self.steps_offset,
-                                           "timestep_spacing": self.timestep_spacing},
+                                          {**self.schedule.to_diffusers_scheduler_config(), **self.sampler_config.to_dict()},
                                           scheduler_class="DPMSolverMultistepScheduler", prediction_type=self.prediction_type,
                                           vae_scaling_factor=self.scaling_factor, sample_size=self.sample_size // self.vae.downsampling_factor)
         if format == "sd":
@@ -114,7 +118,7 @@ class LatentDiffusionPipeline:
                 raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
             return write_sd_single_file(path, self.unet, self.unet_config, self.vae, vae_kwargs(self.vae_config), self.text_encoder,
                                         self.schedule.to_config(), self.prediction_type, self.scaling_factor, self.sample_size,
-                                        self.steps_offset, self.timestep_spacing)
+                                        self.sampler_config)
         raise ValueError(f"format must be 'ldm', 'diffusers' or 'sd', got {format!r}")
 
     # ------------------------------------------------------------------ LoRA
@@ -234,7 +238,7 @@ class LatentDiffusionPipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         seeds = _seeds_for(seed, len(prompts), generator)
-        timestep_spacing = timestep_spacing or self.timestep_spacing
+        config = self.sampler_config if timestep_spacing is None else replace(self.sampler_config, timestep_spacing=timestep_spacing)
 
         f = self.vae.downsampling_factor
         shape = (self.vae.latent_channels, height // f, width // f)
@@ -276,11 +280,10 @@ class LatentDiffusionPipeline:
                 z = sub_known
             else:
                 x = noise if sub_known is None else noise_to_step(sampler, sub_known, noise, self.schedule, num_inference_steps,
-                                                                  start_step, timestep_spacing, karras_sigmas,
-                                                                  steps_offset=self.steps_offset)
+                                                                  start_step, config, karras_sigmas)
                 z = sample(sampler, denoiser, x, self.schedule, num_inference_steps, prediction_type=self.prediction_type,
-                           spacing=timestep_spacing, karras=karras_sigmas, eta=eta, generator=gen, steps_offset=self.steps_offset,
-                           callback=step_callback, start_step=start_step)
+                           config=config, karras=karras_sigmas, eta=eta, generator=gen, callback=step_callback,
+                           start_step=start_step)
             if latent_mask is not None:
                 z = latent_mask * z + (1 - latent_mask) * sub_known
             latents.append(z)

@@ -11,6 +11,7 @@ from ldm.diffusion.parameterization import (
     x0_from_output,
 )
 from ldm.diffusion.euler import sample_euler, sample_euler_ancestral, sample_heun
+from ldm.diffusion.sampler_config import FINAL_SIGMAS_TYPES, SamplerConfig
 from ldm.diffusion.samplers import Denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from ldm.diffusion.sampling import KARRAS_SAMPLERS, SAMPLERS, noise_to_step, sample, sampler_timesteps
 from ldm.diffusion.sigmas import karras_sigmas
@@ -19,6 +20,7 @@ from ldm.diffusion.timesteps import TIMESTEP_CONVENTIONS, TIMESTEP_SPACINGS, sam
 
 __all__ = [
     "BETA_SCHEDULES",
+    "FINAL_SIGMAS_TYPES",
     "KARRAS_SAMPLERS",
     "LOSS_WEIGHTINGS",
     "PREDICTION_TYPES",
@@ -27,6 +29,7 @@ __all__ = [
     "TIMESTEP_SPACINGS",
     "Denoiser",
     "NoiseSchedule",
+    "SamplerConfig",
     "classifier_free_guidance",
     "eps_from_output",
     "karras_sigmas",

@@ -11,9 +11,12 @@ given the same model function, timesteps and noise, with the same calling conven
   a **float32** tensor of shape (B,), fractional for ``linspace`` spacing and Karras sigmas (interpolated
   timesteps). The denoiser must accept float timesteps (``ldm.nn`` UNets do).
 - ``timesteps`` are the scheduler's layout, ``sampling_timesteps(..., convention="euler")``; sigmas are interpolated
-  at them and end in 0 (:func:`ldm.diffusion.sigmas.euler_sigmas`).
-- ``callback(i, t, x)`` gets the step index, the float timestep and the new sample in VP scale; the returned sample
-  (at sigma = 0) needs no scaling.
+  at them and end in 0 (:func:`ldm.diffusion.sigmas.euler_sigmas`), or for :func:`sample_euler` with
+  ``final_sigmas_type="sigma_min"`` in the schedule's smallest sigma (diffusers' Euler-ancestral and Heun schedulers
+  always end in 0).
+- ``callback(i, t, x)`` gets the step index, the float timestep and the new sample in VP scale. The returned sample
+  is the last one in sigma space, as diffusers returns it: ``x0 + sigma * eps`` at the final sigma (so, at 0, the
+  denoised sample).
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ def _setup(
     use_karras_sigmas: bool,
     spacing: str,
     start_step: int,
+    final_sigmas_type: str = "zero",
 ) -> tuple[list[float], list[float], torch.Tensor]:
     ts_in = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(-1)
     if ts_in.numel() == 0:
         raise ValueError("timesteps is empty")
     if not 0 <= start_step < ts_in.numel():
         raise ValueError(f"start_step must lie in [0, {ts_in.numel() - 1}] for {ts_in.numel()} timesteps, got {start_step}")
-    ts, sigmas = euler_sigmas(schedule, ts_in, use_karras_sigmas)
+    ts, sigmas = euler_sigmas(schedule, ts_in, use_karras_sigmas, final_sigmas_type)
     if start_step == 0:
         scale = init_noise_sigma(max(sigmas), spacing)
     else:
@@ -82,23 +86,25 @@ def sample_euler(
     use_karras_sigmas: bool = False,
     spacing: str = "leading",
     start_step: int = 0,
+    final_sigmas_type: str = "zero",
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE, ``dx/dsigma = (x - x0_hat) / sigma`` (diffusers'
-    ``EulerDiscreteScheduler`` with ``s_churn=0``, ``final_sigmas_type="zero"``).
+    ``EulerDiscreteScheduler`` with ``s_churn=0``).
 
     ``spacing`` is the spacing ``timesteps`` were laid out with; it only picks diffusers' initial noise scale.
+    ``final_sigmas_type``: the last step goes to sigma ``"zero"`` or to the schedule's ``"sigma_min"``.
     ``use_karras_sigmas``: Karras levels between the first and last interpolated sigma (diffusers'
     ``use_karras_sigmas=True``). See the module docstring for the conventions.
     """
     prediction_type = normalize_prediction_type(prediction_type)
-    ts, sigmas, xs = _setup(x, schedule, timesteps, use_karras_sigmas, spacing, start_step)
+    ts, sigmas, xs = _setup(x, schedule, timesteps, use_karras_sigmas, spacing, start_step, final_sigmas_type)
     out_dtype, work = x.dtype, xs.dtype
     for i in range(start_step, len(ts)):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = _denoised(prediction_type, _model(denoiser, xs, s, ts[i], out_dtype).to(work), xs, s)
         xs = xs + (xs - x0) / s * (s_next - s)
         _report(callback, i, ts[i], xs, s_next, out_dtype)
-    return (xs / math.sqrt(sigmas[-1] ** 2 + 1.0)).to(out_dtype)
+    return xs.to(out_dtype)
 
 
 @torch.no_grad()
@@ -135,7 +141,7 @@ def sample_euler_ancestral(
         xs = xs + (xs - x0) / s * (sigma_down - s)
         xs = xs + _randn_like_output(raw, generator, xs.device).to(work) * sigma_up
         _report(callback, i, ts[i], xs, s_next, out_dtype)
-    return (xs / math.sqrt(sigmas[-1] ** 2 + 1.0)).to(out_dtype)
+    return xs.to(out_dtype)
 
 
 @torch.no_grad()
@@ -170,4 +176,4 @@ def sample_heun(
             d2 = (x_pred - _denoised(prediction_type, out2, x_pred, s_next)) / s_next
             xs = xs + (d + d2) / 2 * (s_next - s)
         _report(callback, i, ts[i], xs, s_next, out_dtype)
-    return (xs / math.sqrt(sigmas[-1] ** 2 + 1.0)).to(out_dtype)
+    return xs.to(out_dtype)

@@ -21,7 +21,7 @@ import torch
 
 from ldm.diffusion.parameterization import eps_from_output, normalize_prediction_type, x0_from_output
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.sigmas import dpmsolver_sigmas
+from ldm.diffusion.sigmas import dpmsolver_sigmas, final_sigma
 from ldm.diffusion.timesteps import sampling_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,7 +75,9 @@ def sample_ddim(
     """DDIM (Song et al. 2021) from ``x = x_T`` along descending ``timesteps``; returns the final sample.
 
     Each step goes from ``timesteps[i]`` to ``timesteps[i + 1]``; the last step goes to a virtual step with
-    ``alphas_cumprod = final_alpha_cumprod`` (1.0: diffusers' ``set_alpha_to_one=True``). ``eta`` scales the
+    ``alphas_cumprod = final_alpha_cumprod``: 1.0 is diffusers' ``set_alpha_to_one=True``; ``alphas_cumprod[0]`` is
+    ``set_alpha_to_one=False`` and what the original CompVis/Stability ``DDIMSampler`` does (Stable Diffusion's
+    setting; :func:`ldm.diffusion.sampling.sample` picks it from the model's ``SamplerConfig``). ``eta`` scales the
     per-step noise (0: deterministic, 1: DDPM-like). With ``eta > 0`` one ``torch.randn`` of the sample's
     shape and dtype is drawn per step (also on the last, zero-variance step) from ``generator``, on the
     generator's device, as diffusers' ``DDIMScheduler.step`` does, so the same seeded generator gives the same
@@ -123,16 +125,18 @@ def sample_dpmpp_2m(
     *,
     use_karras_sigmas: bool = False,
     start_step: int = 0,
+    final_sigmas_type: str = "zero",
+    euler_at_final: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, data prediction, midpoint form.
 
     Matches diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
-    solver_type="midpoint", final_sigmas_type="zero")``: steps run in log-SNR ``lambda = log(alpha/sigma)``
-    along ``timesteps`` and then to sigma = 0. The first step is first order (no history yet); the last
-    step, into sigma = 0, is first order too, which there simply returns the current x0 estimate (the
-    second-order correction is undefined at lambda = +inf). diffusers takes that first-order final step
-    whatever ``lower_order_final`` says when the final sigma is zero, so the flag is accepted for parity and
-    has no effect here. For diffusers-identical timesteps use
+    solver_type="midpoint")`` with the same ``final_sigmas_type``, ``lower_order_final`` and ``euler_at_final``:
+    steps run in log-SNR ``lambda = log(alpha/sigma)`` along ``timesteps`` and then to the final sigma, zero or the
+    schedule's ``sigma_min`` (:func:`ldm.diffusion.sigmas.final_sigma`). The first step is first order (no history
+    yet). The last step is first order when it goes to zero (where it simply returns the current x0 estimate: the
+    second-order correction is undefined at lambda = +inf), with ``euler_at_final``, or with ``lower_order_final``
+    and fewer than 15 timesteps; otherwise it is second order. For diffusers-identical timesteps use
     ``sampling_timesteps(..., convention="dpmsolver")``.
 
     ``use_karras_sigmas`` (diffusers' ``use_karras_sigmas=True``): step through Karras et al. noise levels over the
@@ -142,14 +146,16 @@ def sample_dpmpp_2m(
     Under zero terminal SNR, ``alphas_cumprod == 0`` is floored at 2**-24 as diffusers does.
     ``callback(i, t, x)`` is called after each step with the new sample.
     """
-    del lower_order_final  # see docstring: no effect with a zero final sigma and order 2
     prediction_type = normalize_prediction_type(prediction_type)
     ts = _as_int_list(timesteps)
     _check_start(start_step, len(ts))
     ts, ks = dpmsolver_sigmas(schedule, ts, use_karras_sigmas)  # ks: sigma-space levels sqrt((1 - ac) / ac)
+    last = final_sigma(schedule, final_sigmas_type)
+    first_order_final = last == 0.0 or euler_at_final or (lower_order_final and len(ts) < 15)
+    ks = ks + [last]
     alphas = [1.0 / math.sqrt(k * k + 1.0) for k in ks]
     sigmas = [k * a for k, a in zip(ks, alphas)]
-    lambdas = [-math.log(k) for k in ks]  # log(alpha / sigma)
+    lambdas = [-math.log(k) if k > 0 else math.inf for k in ks]  # log(alpha / sigma)
     out_dtype, work = x.dtype, _work_dtype(x)
     prev_x0: torch.Tensor | None = None
     for i in range(start_step, len(ts)):
@@ -157,13 +163,13 @@ def sample_dpmpp_2m(
         output = _call(denoiser, x, t).to(work)
         xw = x.to(work)
         x0 = x0_from_output(prediction_type, output, xw, alphas[i], sigmas[i])
-        if i + 1 == len(ts):
+        h = lambdas[i + 1] - lambdas[i]
+        if ks[i + 1] == 0.0:
             xw = x0  # first-order step to sigma = 0: sigma_next/sigma * x -> 0, alpha_next * (1 - e^-h) -> 1
-        else:
-            h = lambdas[i + 1] - lambdas[i]
+        elif h != 0.0:  # h == 0 (a Karras schedule ending in sigma_min, then sigma_min again): the step is the identity
             ratio = sigmas[i + 1] / sigmas[i]
             coef = -alphas[i + 1] * math.expm1(-h)  # alpha_next * (1 - e^-h)
-            if prev_x0 is None:
+            if prev_x0 is None or (i + 1 == len(ts) and first_order_final):
                 xw = ratio * xw + coef * x0
             else:
                 r = (lambdas[i] - lambdas[i - 1]) / h
@@ -174,7 +180,6 @@ def sample_dpmpp_2m(
         if callback is not None:
             callback(i, t, x)
     return x
-
 
 
 @torch.no_grad()

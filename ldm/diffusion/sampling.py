@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ldm.diffusion.euler import sample_euler, sample_euler_ancestral, sample_heun
+from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.diffusion.samplers import Denoiser, StepCallback, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.sigmas import dpmsolver_sigmas, euler_sigmas
@@ -64,14 +65,12 @@ def sample(
     schedule: NoiseSchedule,
     num_steps: int,
     prediction_type: str = "epsilon",
-    spacing: str = "leading",
+    config: SamplerConfig = SamplerConfig(),
     karras: bool = False,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     start_step: int = 0,
-    *,
-    steps_offset: int = 0,
 ) -> torch.Tensor:
     """Run sampler ``name`` (one of :data:`SAMPLERS`) for ``num_steps`` steps and return the denoised sample.
 
@@ -83,13 +82,16 @@ def sample(
         schedule: the model's noise schedule.
         num_steps: number of steps of the full schedule (``start_step`` of them are skipped).
         prediction_type: ``"epsilon"`` or ``"v_prediction"`` (aliases ``"eps"``, ``"v"``).
-        spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``, laid out as each sampler's diffusers scheduler does.
+        config: the model's timestep layout (spacing, ``steps_offset``; laid out as each sampler's diffusers
+            scheduler does) and how the last step ends: DDIM to ``alphas_cumprod[0]`` or 1 (``set_alpha_to_one``),
+            DPM-Solver++ and Euler to sigma zero or ``sigma_min`` (``final_sigmas_type``), DPM-Solver++'s last step
+            first or second order (``lower_order_final``, ``euler_at_final``). DDPM always ends at
+            ``alphas_cumprod = 1`` and Euler-ancestral and Heun at sigma zero, as in diffusers.
         karras: Karras sigmas (dpmpp_2m, euler, euler_a, heun only).
         eta: DDIM's noise scale (ddim only; must be 0 for the others).
         generator: noise source of ddpm, euler_a and ddim with ``eta > 0``.
         callback: ``callback(i, t, x)`` after each step.
         start_step: skip this many steps (img2img); ``0 <= start_step < num_steps``.
-        steps_offset: diffusers' ``steps_offset`` (1 in Stable Diffusion configs; affects ``leading`` only).
 
     Raises:
         ValueError: unknown sampler (the message lists the names), ``num_steps < 1``, ``start_step`` out of range,
@@ -98,16 +100,21 @@ def sample(
     _check(name, num_steps, start_step, karras)
     if eta != 0 and name != "ddim":
         raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
-    timesteps = sampler_timesteps(name, schedule, num_steps, spacing, steps_offset)
+    timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
     kwargs: dict = {"callback": callback, "start_step": start_step}
     if name in KARRAS_SAMPLERS:
         kwargs["use_karras_sigmas"] = karras
     if name in _SIGMA_SPACE:
-        kwargs["spacing"] = spacing
+        kwargs["spacing"] = config.timestep_spacing
     if name in _STOCHASTIC:
         kwargs["generator"] = generator
     if name == "ddim":
-        kwargs.update(eta=eta, generator=generator)
+        final_alpha = 1.0 if config.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+        kwargs.update(eta=eta, generator=generator, final_alpha_cumprod=final_alpha)
+    if name in ("dpmpp_2m", "euler"):
+        kwargs["final_sigmas_type"] = config.final_sigmas_type
+    if name == "dpmpp_2m":
+        kwargs.update(lower_order_final=config.lower_order_final, euler_at_final=config.euler_at_final)
     return SAMPLERS[name](denoiser, noise, schedule, timesteps, prediction_type, **kwargs)
 
 
@@ -118,10 +125,8 @@ def noise_to_step(
     schedule: NoiseSchedule,
     num_steps: int,
     start_step: int,
-    spacing: str = "leading",
+    config: SamplerConfig = SamplerConfig(),
     karras: bool = False,
-    *,
-    steps_offset: int = 0,
 ) -> torch.Tensor:
     """The start sample for ``sample(name, ..., start_step=start_step)``: ``x0`` noised to that step's level.
 
@@ -138,7 +143,7 @@ def noise_to_step(
         ValueError: as :func:`sample`.
     """
     _check(name, num_steps, start_step, karras)
-    timesteps = sampler_timesteps(name, schedule, num_steps, spacing, steps_offset)
+    timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
     if name in ("ddpm", "ddim"):
         t = torch.full((x0.shape[0],), int(timesteps[start_step]), dtype=torch.long)
         return schedule.add_noise(x0, noise, t)

@@ -55,12 +55,24 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def final_sigma(schedule: NoiseSchedule, final_sigmas_type: str = "zero") -> float:
+    """Where a sampler's last step ends (diffusers' ``final_sigmas_type``): ``"zero"``, or ``"sigma_min"``, the
+    smallest noise level of the schedule, ``sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])``."""
+    if final_sigmas_type == "zero":
+        return 0.0
+    if final_sigmas_type == "sigma_min":
+        return float(schedule_sigmas(schedule)[0])
+    raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+
+
 def euler_sigmas(
-    schedule: NoiseSchedule, timesteps: torch.Tensor | Sequence[float], use_karras_sigmas: bool = False
+    schedule: NoiseSchedule, timesteps: torch.Tensor | Sequence[float], use_karras_sigmas: bool = False,
+    final_sigmas_type: str = "zero",
 ) -> tuple[list[float], list[float]]:
     """``(timesteps, sigmas)`` of diffusers' Euler / Euler-ancestral / Heun schedulers (before Heun's doubling).
 
-    ``sigmas`` are interpolated at ``timesteps`` and end with an appended 0 (one more than the timesteps). With
+    ``sigmas`` are interpolated at ``timesteps`` and end with an appended final sigma, 0 or the schedule's
+    smallest (:func:`final_sigma`; one more than the timesteps). With
     ``use_karras_sigmas`` the sigmas are replaced by ``len(timesteps)`` Karras levels between the first and last
     interpolated sigma, and the timesteps by their (fractional) log-sigma positions.
     """
@@ -69,7 +81,7 @@ def euler_sigmas(
     if use_karras_sigmas:
         sig = karras_sigmas(float(sig[-1]), float(sig[0]), ts.numel())
         ts = sigma_to_timestep(schedule, sig)
-    return ts.tolist(), sig.tolist() + [0.0]
+    return ts.tolist(), sig.tolist() + [final_sigma(schedule, final_sigmas_type)]
 
 
 def dpmsolver_sigmas(

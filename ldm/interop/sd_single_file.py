@@ -6,9 +6,11 @@ inferred from tensor shapes (:func:`~ldm.interop.sd_checkpoint.detect_sd_variant
 the text encoder from its layout (SD v1: OpenAI CLIP, last layer; SD v2: OpenCLIP, penultimate layer).
 What shapes cannot tell comes, first to last, from the caller's arguments, from the ``ldm.model``
 entry of the safetensors header (written by :func:`write_sd_single_file`: exact configs, schedule,
-prediction type, sample size, and the tokenizer files under ``ldm.tokenizer``), from an original SD
-config YAML next to the file (``v2-inference-v.yaml`` style: ``parameterization``, ``scale_factor``,
-``linear_start``/``linear_end``), and finally from SD's defaults. A single file holds no tokenizer: pass
+sampler settings, prediction type, sample size, and the tokenizer files under ``ldm.tokenizer``), from an
+original SD config YAML next to the file (``v2-inference-v.yaml`` style: ``parameterization``,
+``scale_factor``, ``linear_start``/``linear_end``, the UNet's ``num_heads``/``num_head_channels``), and
+finally from SD's defaults (v1: 8 heads; v2: 64-channel heads; the original samplers' conventions: leading
+timesteps ``1 + k * T // n``, DDIM's last step to ``alphas_cumprod[0]``). A single file holds no tokenizer: pass
 ``tokenizer=`` (a local folder) where the SD default (``openai/clip-vit-large-patch14`` for v1,
 ``stabilityai/stable-diffusion-2-1`` for v2) cannot be downloaded.
 """
@@ -33,6 +35,7 @@ from ldm.interop.clip_keys import (
     transformers_to_sd_v1_clip,
 )
 from ldm.interop.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
+from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.interop.vae_keys import vae_config_from_state_dict
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
@@ -44,6 +47,8 @@ META_KEY = "ldm.model"
 TOKENIZER_KEY = "ldm.tokenizer"
 SD_SCALING_FACTOR = 0.18215
 DEFAULT_TOKENIZERS = {"v1": "openai/clip-vit-large-patch14", "v2": "stabilityai/stable-diffusion-2-1"}
+# The original samplers: DDIM visits t = 1 + k * T // n and steps from the last one to alphas_cumprod[0].
+SD_SAMPLER = SamplerConfig(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
 _PREDICTION = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
 
@@ -65,8 +70,7 @@ class SDSingleFile:
     sample_size: int
     version: str
     inpainting: bool
-    steps_offset: int = 1
-    timestep_spacing: str = "leading"
+    sampler_config: SamplerConfig = SD_SAMPLER
 
 
 def read_header_metadata(path: Path) -> dict[str, str]:
@@ -93,6 +97,26 @@ def _sidecar_yaml(path: Path) -> dict[str, Any]:
         raise ValueError(f"{yaml_path} is not an SD config YAML (model.params): {error}") from error
     log.info("read %s next to the checkpoint", yaml_path)
     return params
+
+
+def _head_settings(num_heads: int | None, num_head_channels: int | None, what: str) -> dict[str, int] | None:
+    """UNet head settings as the original ``UNetModel`` reads them: the one left out is -1 (unused)."""
+    if num_heads is None and num_head_channels is None:
+        return None
+    for name, value in (("num_heads", num_heads), ("num_head_channels", num_head_channels)):
+        if value is not None and (not isinstance(value, int) or (value <= 0 and value != -1)):
+            raise ValueError(f"{name}={value!r} from {what} must be a positive integer (or -1: unused)")
+    heads = {"num_heads": -1 if num_heads is None else num_heads,
+             "num_head_channels": -1 if num_head_channels is None else num_head_channels}
+    if heads["num_heads"] == -1 and heads["num_head_channels"] == -1:
+        raise ValueError(f"{what} sets neither num_heads nor num_head_channels to a positive value")
+    return heads
+
+
+def _yaml_heads(sidecar: dict[str, Any], path: Path) -> dict[str, int] | None:
+    """``num_heads``/``num_head_channels`` of ``model.params.unet_config.params`` in a sidecar SD YAML."""
+    unet = (sidecar.get("unet_config") or {}).get("params") or {}
+    return _head_settings(unet.get("num_heads"), unet.get("num_head_channels"), f"{path.with_suffix('.yaml')} (unet_config.params)")
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
@@ -162,6 +186,8 @@ def read_sd_single_file(
     prediction_type: str | None = None,
     tokenizer: str | Path | None = None,
     text_encoder_layer: str | None = None,
+    num_heads: int | None = None,
+    num_head_channels: int | None = None,
 ) -> SDSingleFile:
     """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely).
 
@@ -172,6 +198,11 @@ def read_sd_single_file(
             ldm metadata, a config YAML beside it, else ``epsilon``.
         tokenizer: A local tokenizer folder or hub id (see the module docstring).
         text_encoder_layer: ``last`` or ``penultimate``; ``None``: v1 last, v2 penultimate.
+        num_heads: Attention heads of the UNet's transformers (tensor shapes cannot tell them, and a wrong count
+            gives wrong images); ``None``: from the file's ldm metadata, the YAML beside it (``unet_config.params``),
+            else SD's convention (v1: 8).
+        num_head_channels: Channels per head instead (SD v2: 64); heads = channels // this. Giving one of the two
+            sets the other to -1 (unused), as in the original configs.
 
     Raises:
         FileNotFoundError: if the file (or a given tokenizer folder) does not exist.
@@ -186,8 +217,16 @@ def read_sd_single_file(
     if not parts["unet"]:
         raise ValueError(f"{path} has no UNet weights (model.diffusion_model.*); keys look like {sorted(parts['other'])[:5]}")
     variant = detect_sd_variant(parts["unet"])
-    unet_config = stored.get("unet") or variant["unet_config"]
-    unet = UNetModel(**unet_config)
+    unet_config = dict(stored.get("unet") or variant["unet_config"])
+    heads = _head_settings(num_heads, num_head_channels, "the arguments")
+    if heads is None and "unet" not in stored:
+        heads = _yaml_heads(sidecar, path)
+    unet_config.update(heads or {})
+    try:
+        unet = UNetModel(**unet_config)
+    except ValueError as error:
+        raise ValueError(f"{path}: the UNet's head settings do not fit its widths ({error}); pass num_heads or "
+                         "num_head_channels that divide every attention block's channels") from error
     _load_strict(unet, parts["unet"], "UNet", path)
     if not parts["vae"]:
         raise ValueError(f"{path} has no VAE (first_stage_model.*); load the VAE separately or use a full checkpoint")
@@ -214,10 +253,9 @@ def read_sd_single_file(
     if variant["version"] == "v2" and prediction == "epsilon" and not stored and not sidecar and prediction_type is None:
         log.warning("%s is an SD 2.x checkpoint; its prediction type cannot be read from the weights. Using epsilon "
                     "(SD 2.x 512-base); pass prediction_type='v_prediction' for the 768-v models", path)
-    # Original SD samplers step through t = 1 + k * T / n ("leading" with diffusers' steps_offset 1).
+    sampler = SamplerConfig.from_dict(stored, **SD_SAMPLER.to_dict())  # our exports store theirs; else the original's
     return SDSingleFile(unet, unet_config, vae, vae_config, text_encoder, schedule, prediction, scaling, sample_size,
-                        variant["version"], variant["inpainting"], int(stored.get("steps_offset", 1)),
-                        stored.get("timestep_spacing", "leading"))
+                        variant["version"], variant["inpainting"], sampler)
 
 
 def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:
@@ -237,15 +275,15 @@ def write_sd_single_file(
     prediction_type: str,
     scaling_factor: float,
     sample_size: int,
-    steps_offset: int = 0,
-    timestep_spacing: str = "leading",
+    sampler_config: SamplerConfig = SD_SAMPLER,
 ) -> Path:
     """Write an original-layout SD single file (``.safetensors``) that SD tools load, plus ldm metadata.
 
     The text encoder goes in the SD v2 OpenCLIP layout (``cond_stage_model.model.*``) when it is an
     OpenCLIP-style CLIP (``hidden_act="gelu"``), else in the SD v1 layout. The header's ``ldm.model``
     entry keeps the exact configs, schedule, prediction type and sample size, and ``ldm.tokenizer`` the
-    tokenizer files, so :func:`read_sd_single_file` rebuilds the very same model without extra arguments.
+    tokenizer files, and the sampler settings, so :func:`read_sd_single_file` rebuilds the very same model
+    without extra arguments.
     """
     clip_state = text_encoder.model.state_dict()
     openclip = text_encoder.model.config.hidden_act == "gelu"
@@ -264,8 +302,7 @@ def write_sd_single_file(
         "prediction_type": prediction_type,
         "scaling_factor": float(scaling_factor),
         "sample_size": int(sample_size),
-        "steps_offset": int(steps_offset),
-        "timestep_spacing": timestep_spacing,
+        **sampler_config.to_dict(),
     }
     header = {META_KEY: json.dumps(meta, default=list), TOKENIZER_KEY: json.dumps(_tokenizer_files(text_encoder.tokenizer))}
     return save_sd_checkpoint(path, unet.state_dict(), vae.state_dict(), text_state, metadata=header)

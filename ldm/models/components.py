@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ldm.diffusion import NoiseSchedule, normalize_prediction_type
+from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
 from ldm.models.pretrained import load_weights, read_model_folder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
@@ -43,8 +43,7 @@ class ModelComponents:
     sample_size: int | None
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
-    steps_offset: int = 0
-    timestep_spacing: str = "leading"
+    sampler_config: SamplerConfig = SamplerConfig()
 
 
 def vae_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -56,24 +55,30 @@ def vae_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_components(path: str | Path, use_ema: bool = True, prediction_type: str | None = None,
-                    tokenizer: str | Path | None = None) -> ModelComponents:
+                    tokenizer: str | Path | None = None, num_heads: int | None = None,
+                    num_head_channels: int | None = None) -> ModelComponents:
     """Load the model at ``path`` in whichever layout it is (see the module docstring).
 
     Args:
         path: Folder, Lightning ``.ckpt`` or SD single file.
         use_ema: EMA weights of a Lightning checkpoint or an SD file (``model_ema.*``) when present.
         prediction_type: Override the stored prediction type (needed for SD 2.x 768-v single files,
-            whose weights cannot tell).
+            whose weights cannot tell; for those it also sets the default sample size).
         tokenizer: Tokenizer folder or hub id for an SD single file (which holds none).
+        num_heads: UNet attention heads of an SD single file (shapes cannot tell them; see
+            :func:`~ldm.interop.sd_single_file.read_sd_single_file`).
+        num_head_channels: Channels per UNet attention head of an SD single file (instead of ``num_heads``).
 
     Raises:
         FileNotFoundError: when ``path`` is none of the layouts.
-        ValueError: for an unknown checkpoint layout or weights that do not fit, naming the keys.
+        ValueError: for an unknown checkpoint layout or weights that do not fit, naming the keys; for head
+            counts given for a layout that stores its own.
     """
     path = Path(path)
     if path.is_file() and path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
-        parts = _from_file(path, use_ema, tokenizer)
+        parts = _from_file(path, use_ema, tokenizer, prediction_type, num_heads, num_head_channels)
     elif (path / "model_index.json").is_file():
+        _no_head_override(path, num_heads, num_head_channels)
         index = json.loads((path / "model_index.json").read_text())
         parts = _from_folder(path) if index.get("_class_name") == "LatentDiffusionPipeline" else _from_diffusers(path)
     else:
@@ -84,6 +89,12 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
     if prediction_type is not None:
         parts.prediction_type = normalize_prediction_type(prediction_type)
     return parts
+
+
+def _no_head_override(path: Path, num_heads: int | None, num_head_channels: int | None) -> None:
+    if num_heads is not None or num_head_channels is not None:
+        raise ValueError(f"num_heads/num_head_channels apply to SD single files, whose weights cannot tell them; {path} "
+                         "stores its UNet config (heads included), so leave them out")
 
 
 def _from_folder(folder: Path) -> ModelComponents:
@@ -99,9 +110,10 @@ def _from_folder(folder: Path) -> ModelComponents:
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     prediction_type = sched.pop("prediction_type", "epsilon")
     sched.pop("_class_name", None)
+    sampler_config, sched = SamplerConfig.split(sched)
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_config(sched), prediction_type,
                            vae_config.get("scaling_factor", 1.0), index.get("sample_size") or vae_config.get("resolution"),
-                           unet_config, vae_config)  # exports before sample_size was recorded: the VAE's training size
+                           unet_config, vae_config, sampler_config)  # no sample_size (old exports): the VAE's training size
 
 
 def _from_diffusers(folder: Path) -> ModelComponents:
@@ -121,11 +133,11 @@ def _from_diffusers(folder: Path) -> ModelComponents:
     latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_diffusers_scheduler_config(sched),
                            sched.get("prediction_type", "epsilon"), config["scaling_factor"],
-                           int(latent_size) * vae.downsampling_factor, unet_config, config,
-                           int(sched.get("steps_offset", 0)), sched.get("timestep_spacing", "leading"))
+                           int(latent_size) * vae.downsampling_factor, unet_config, config, SamplerConfig.from_diffusers(sched))
 
 
-def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None) -> ModelComponents:
+def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, prediction_type: str | None,
+               num_heads: int | None, num_head_channels: int | None) -> ModelComponents:
     if path.suffix != ".safetensors":
         # mmap: telling a Lightning checkpoint from an SD .ckpt does not read the whole file. Files this cannot
         # read (legacy format, unsafe pickles) go on to the SD reader, which explains what is wrong.
@@ -134,15 +146,16 @@ def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None) -> Model
         except Exception:  # noqa: BLE001
             ckpt = None
         if isinstance(ckpt, dict) and "unet" in ckpt.get("hyper_parameters", {}):
+            _no_head_override(path, num_heads, num_head_channels)
             return _from_lightning_checkpoint(path, ckpt, use_ema)
         del ckpt
     from ldm.interop.sd_single_file import read_sd_single_file
 
-    sd = read_sd_single_file(path, use_ema=use_ema, tokenizer=tokenizer)
+    sd = read_sd_single_file(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer, num_heads=num_heads,
+                             num_head_channels=num_head_channels)
     schedule = NoiseSchedule.from_config(sd.schedule_config) if sd.schedule_config else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
     return ModelComponents(sd.unet.eval(), sd.vae.eval(), sd.text_encoder, schedule, sd.prediction_type, sd.scaling_factor,
-                           sd.sample_size, sd.unet_config, {**sd.vae_config, "scaling_factor": sd.scaling_factor},
-                           sd.steps_offset, sd.timestep_spacing)
+                           sd.sample_size, sd.unet_config, {**sd.vae_config, "scaling_factor": sd.scaling_factor}, sd.sampler_config)
 
 
 def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -> ModelComponents:
@@ -156,4 +169,4 @@ def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) 
     image_size = ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
     vae_config = {**model.vae_config, "scaling_factor": float(model.scaling_factor)}
     return ModelComponents(model.unet.eval(), model.autoencoder.eval(), model.text_encoder.eval(), model.schedule, model.prediction_type,
-                           float(model.scaling_factor), image_size, model.unet_config, vae_config)
+                           float(model.scaling_factor), image_size, model.unet_config, vae_config, model.sampler_config)

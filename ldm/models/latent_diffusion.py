@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 import torch
 import torch.nn.functional as F
 
-from ldm.diffusion import NoiseSchedule, loss_weights, normalize_prediction_type, offset_noise, training_target
+from ldm.diffusion import NoiseSchedule, SamplerConfig, loss_weights, normalize_prediction_type, offset_noise, training_target
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.components import load_components
 from ldm.models.image_logging import log_image_grid
@@ -193,6 +193,7 @@ class LatentDiffusion(pl.LightningModule):
         self.unet_config = unet_args
         self.unet = UNetModel(**unet_args)
         self.schedule = NoiseSchedule(schedule or "scaled_linear", num_timesteps, beta_start, beta_end, zero_terminal_snr)
+        self.sampler_config = SamplerConfig()
 
     def _init_from_model(self, path, use_ema, tokenizer, layer, autoencoder, unet, text_encoder, prediction_type, schedule) -> None:
         given = [name for name, value in (("autoencoder", autoencoder), ("unet", unet), ("text_encoder", text_encoder)) if value is not None]
@@ -213,7 +214,7 @@ class LatentDiffusion(pl.LightningModule):
         self.unet_config = parts.unet_config
         self.unet = parts.unet.train()
         self.unet.requires_grad_(True)
-        self.schedule = parts.schedule
+        self.schedule, self.sampler_config = parts.schedule, parts.sampler_config
         log.info("fine-tuning from %s (%s prediction, %s)", path, self.prediction_type, self.schedule.kind)
 
     # ----------------------------------------------------------------- conditioning
@@ -302,7 +303,8 @@ class LatentDiffusion(pl.LightningModule):
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.hparams.frozen_dtype)
         with torch.autocast(self.device.type, dtype=half or torch.bfloat16, enabled=half is not None):
             latents = sample_latents(self.unet, context.float(), uncond.float(), self.schedule, self.prediction_type,
-                                     (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g)
+                                     (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g,
+                                     config=self.sampler_config)
         images = self.vae_decode(latents)
         self.train(was_training)
         return images
@@ -402,4 +404,5 @@ class LatentDiffusion(pl.LightningModule):
         return write_pipeline_folder(
             path, self.unet_config, self.unet.state_dict(), vae_config, self.autoencoder.state_dict(), self.text_encoder,
             self.schedule.to_config(), self.prediction_type, self._latent_size() * self.autoencoder.downsampling_factor,
+            self.sampler_config,
         )

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.diffusion.sampler_config import SamplerConfig
+
 CONFIG_NAME = "config.json"
 
 
@@ -68,14 +70,16 @@ def write_pipeline_folder(
     schedule_config: dict[str, Any],
     prediction_type: str,
     sample_size: int,
+    sampler_config: SamplerConfig,
 ) -> Path:
     """Write a text-to-image model folder: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/`` and ``scheduler/`` (safetensors and JSON only; the diffusers folder layout)."""
+    ``tokenizer/`` and ``scheduler/`` (safetensors and JSON only; the diffusers folder layout). The scheduler's
+    JSON holds the noise schedule, the prediction type and the sampler settings (:class:`SamplerConfig`)."""
     folder = Path(path)
     write_model_folder(folder / "unet", {**unet_config, "_class_name": "UNetModel"}, {"model.safetensors": unet_state})
     write_model_folder(folder / "vae", {**vae_config, "_class_name": "AutoencoderKL"}, {"model.safetensors": vae_state})
     text_encoder.save_pretrained(folder)
-    scheduler = {**schedule_config, "_class_name": "NoiseSchedule", "prediction_type": prediction_type}
+    scheduler = {**schedule_config, **sampler_config.to_dict(), "_class_name": "NoiseSchedule", "prediction_type": prediction_type}
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_jsonable(scheduler), indent=2) + "\n")
     index = {"_class_name": "LatentDiffusionPipeline", "_ldm_version": 1, "unet": "unet", "vae": "vae",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ldm.diffusion import NoiseSchedule, classifier_free_guidance, sample
+from ldm.diffusion import NoiseSchedule, SamplerConfig, classifier_free_guidance, sample
 
 
 def guided_denoiser(
@@ -40,11 +40,12 @@ def sample_latents(
     sampler: str = "dpmpp_2m",
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    spacing: str = "leading",
+    config: SamplerConfig = SamplerConfig(),
 ) -> torch.Tensor:
-    """Sample one latent per row of ``context`` (B, L, D); returns (B, *latent_shape) latents (scaled)."""
+    """Sample one latent per row of ``context`` (B, L, D) following the model's sampler ``config``; returns
+    (B, *latent_shape) latents (scaled)."""
     if noise is None:
         noise = torch.randn((context.shape[0], *latent_shape), generator=generator, device=context.device)
     denoiser = guided_denoiser(unet, context, uncond_context, guidance_scale)
-    return sample(sampler, denoiser, noise.float(), schedule, num_steps, prediction_type=prediction_type, spacing=spacing,
+    return sample(sampler, denoiser, noise.float(), schedule, num_steps, prediction_type=prediction_type, config=config,
                   generator=generator if sampler in ("ddpm", "euler_a") else None)

@@ -12,6 +12,7 @@ import torch
 from ldm.diffusion import (
     SAMPLERS,
     NoiseSchedule,
+    SamplerConfig,
     noise_to_step,
     sample,
     sample_ddpm,
@@ -174,6 +175,17 @@ def test_euler_family_matches_diffusers(pt: str, n: int, spacing: str, offset: i
     assert (other - expected).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_final_sigma_min_matches_diffusers(karras: bool):
+    """``final_sigmas_type="sigma_min"``: Euler's last step ends at the smallest sigma, returned in sigma space."""
+    x, s, n = _x(), _schedule(), 10
+    expected = _run(_euler("epsilon", "leading", 1, karras, final_sigmas_type="sigma_min"), x, n)
+    config = SamplerConfig(steps_offset=1, final_sigmas_type="sigma_min")
+    ours = sample("euler", _model, x, s, n, "epsilon", config, karras=karras)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    assert (sample("euler", _model, x, s, n, "epsilon", SamplerConfig(steps_offset=1), karras=karras) - ours).abs().max() > 100 * ATOL
+
+
 def test_karras_changes_the_result():
     # negative control: the Karras option is not a no-op at the tolerance used above
     x, s = _x(), _schedule()
@@ -191,7 +203,7 @@ def test_euler_zero_snr_trailing_v_matches_diffusers(name: str):
         ref = _euler_a("v_prediction", "trailing", rescale_betas_zero_snr=True)
         expected = _run(ref, x, 10, generator=_gen())
     s = _schedule(zero_snr=True)
-    ours = sample(name, _model, x, s, 10, "v", spacing="trailing", generator=_gen())
+    ours = sample(name, _model, x, s, 10, "v", SamplerConfig(timestep_spacing="trailing"), generator=_gen())
     assert torch.isfinite(ours).all()
     # The first sigma is 4096 (alphas_cumprod floored at 2**-24): the sample starts at |x| ~ 1e4, so float32
     # cancellation in the first step leaves ~2e-5 rounding noise in either implementation; hence 5e-5 here.
@@ -207,7 +219,7 @@ def test_euler_denoiser_sees_diffusers_inputs():
         seen.append((x_in.clone(), t.clone()))
         return _model(x_in, t)
 
-    sample("heun", recording, x, s, n, spacing="linspace")
+    sample("heun", recording, x, s, n, config=SamplerConfig(timestep_spacing="linspace"))
     ref = _heun("epsilon", "linspace")
     ref.set_timesteps(n)
     assert len(seen) == len(ref.timesteps) == 2 * n - 1
@@ -244,8 +256,8 @@ _DDIM_LINSPACE = "ddim steps to the next listed timestep, diffusers' DDIM to t -
 
 
 def _reference(name: str, pt: str, spacing: str, karras: bool, n: int):
-    if name == "ddim":
-        return diffusers.DDIMScheduler(**SD, clip_sample=False, prediction_type=pt, timestep_spacing=spacing)
+    if name == "ddim":  # SamplerConfig's default, as SD's configs: the last step goes to alphas_cumprod[0]
+        return diffusers.DDIMScheduler(**SD, clip_sample=False, prediction_type=pt, timestep_spacing=spacing, set_alpha_to_one=False)
     if name == "ddpm":
         return diffusers.DDPMScheduler(**SD, clip_sample=False, prediction_type=pt, timestep_spacing=spacing)
     if name == "dpmpp_2m":
@@ -265,7 +277,7 @@ _HELPER_CASES = [(n, sp) for n in SAMPLERS for sp in ("leading", "trailing", "li
 def test_sample_helper_text_to_image(name: str, spacing: str):
     x, s, n = _x(), _schedule(), 10
     expected = _run(_reference(name, "v_prediction", spacing, False, n), x, n, generator=_gen())
-    ours = sample(name, _model, x, s, n, "v", spacing=spacing, generator=_gen())
+    ours = sample(name, _model, x, s, n, "v", SamplerConfig(timestep_spacing=spacing), generator=_gen())
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
@@ -281,14 +293,15 @@ def test_sample_helper_img2img_matches_diffusers(name: str, karras: bool, spacin
     n, start = 10, 4
     x0, noise, s = _x(1), _x(2), _schedule()
     expected = _run(_reference(name, pt, spacing, karras, n), noise, n, start_step=start, x0=x0, generator=_gen())
-    x_start = noise_to_step(name, x0, noise, s, n, start, spacing, karras)
+    config = SamplerConfig(timestep_spacing=spacing)
+    x_start = noise_to_step(name, x0, noise, s, n, start, config, karras)
     steps: list[int] = []
-    ours = sample(name, _model, x_start, s, n, pt, spacing=spacing, karras=karras, generator=_gen(),
+    ours = sample(name, _model, x_start, s, n, pt, config, karras=karras, generator=_gen(),
                   start_step=start, callback=lambda i, t, x: steps.append(i))
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
     assert steps == list(range(start, n))
     # negative control: starting from the full-noise schedule gives something else
-    assert (sample(name, _model, noise, s, n, pt, spacing=spacing, karras=karras, generator=_gen()) - ours).abs().max() > 1e-2
+    assert (sample(name, _model, noise, s, n, pt, config, karras=karras, generator=_gen()) - ours).abs().max() > 1e-2
 
 
 def test_sample_helper_errors():
@@ -311,7 +324,9 @@ def test_sample_helper_errors():
     with pytest.raises(ValueError, match="eta"):
         sample("euler", _model, x, s, 10, eta=0.5)
     with pytest.raises(ValueError, match="spacing"):
-        sample("heun", _model, x, s, 10, spacing="uniform")
+        SamplerConfig(timestep_spacing="uniform")
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        SamplerConfig(final_sigmas_type="last")
 
 
 def test_callbacks_and_dtype():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.diffusion import NoiseSchedule, sample_ddim, sample_dpmpp_2m, sampling_timesteps
+from ldm.diffusion import NoiseSchedule, SamplerConfig, sample, sample_ddim, sample_dpmpp_2m, sampling_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -85,6 +85,40 @@ def test_ddim_matches_diffusers(prediction_type: str, spacing: str, steps_offset
     s = _schedule()
     ours = sample_ddim(_model, x, s, sampling_timesteps(s, n, spacing, steps_offset), prediction_type)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("spacing,steps_offset,n", [("leading", 1, 10), ("leading", 1, 50), ("trailing", 0, 20)])
+def test_ddim_final_step_follows_set_alpha_to_one(prediction_type: str, set_alpha_to_one: bool, spacing: str,
+                                                  steps_offset: int, n: int):
+    """``sample`` takes DDIM's step after the last timestep to ``alphas_cumprod[0]`` (SD, the original DDIMSampler)
+    or to 1, as the model's ``SamplerConfig`` says, matching diffusers' ``DDIMScheduler`` with that setting."""
+    ref = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
+                                  timestep_spacing=spacing, prediction_type=prediction_type)  # fmt: skip
+    x, s = _x_T(), _schedule()
+    expected = _run_diffusers(ref, _model, x, n)
+    config = SamplerConfig(timestep_spacing=spacing, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one)
+    ours = sample("ddim", _model, x, s, n, prediction_type, config)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    # negative control: the other final step is a different result (the difference the setting makes, ~1e-2)
+    other = sample("ddim", _model, x, s, n, prediction_type, SamplerConfig(spacing, steps_offset, not set_alpha_to_one))
+    assert (other - expected).abs().max() > 100 * ATOL
+
+
+def test_sampler_config_from_diffusers_uses_diffusers_defaults():
+    # A config without the key: DDIMScheduler.from_config would set alpha to one; SD's configs say false.
+    assert SamplerConfig.from_diffusers({"_class_name": "DDIMScheduler"}).set_alpha_to_one is True
+    sd15 = {"_class_name": "PNDMScheduler", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "beta_schedule": "scaled_linear"}
+    config = SamplerConfig.from_diffusers(sd15)
+    assert config == SamplerConfig(steps_offset=1, set_alpha_to_one=False)
+    dpm = {"final_sigmas_type": "sigma_min", "lower_order_final": False, "euler_at_final": True, "timestep_spacing": "trailing"}
+    assert SamplerConfig.from_diffusers(dpm).to_dict() == dict(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True,
+                                                             final_sigmas_type="sigma_min", lower_order_final=False,
+                                                             euler_at_final=True)
+    settings, rest = SamplerConfig.split({"kind": "cosine", "steps_offset": 1})
+    assert settings == SamplerConfig(steps_offset=1) and rest == {"kind": "cosine"}
 
 
 def test_ddim_sharp_model_matches_diffusers():
@@ -167,6 +201,27 @@ def test_dpmpp_2m_other_spacings_match_diffusers(spacing: str, steps_offset: int
     s = _schedule()
     ts = sampling_timesteps(s, 20, spacing, steps_offset, convention="dpmsolver")
     torch.testing.assert_close(sample_dpmpp_2m(_model, x, s, ts), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n", [10, 25])
+@pytest.mark.parametrize("lower_order_final,euler_at_final", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpmpp_2m_final_sigma_min_matches_diffusers(n: int, lower_order_final: bool, euler_at_final: bool, karras: bool):
+    """``final_sigmas_type="sigma_min"``: the last step ends at the schedule's smallest sigma, first or second order
+    as ``lower_order_final`` (fewer than 15 steps) and ``euler_at_final`` say."""
+    settings = dict(final_sigmas_type="sigma_min", lower_order_final=lower_order_final, euler_at_final=euler_at_final)
+    ref = _dpm("v_prediction", use_karras_sigmas=karras, timestep_spacing="leading", steps_offset=1, **settings)
+    x, s = _x_T(2), _schedule()
+    expected = _run_diffusers(ref, _model, x, n)
+    config = SamplerConfig(steps_offset=1, **settings)
+    ours = sample("dpmpp_2m", _model, x, s, n, "v", config, karras=karras)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    # negative controls: ending at sigma zero, or (fewer than 15 steps) a first-order last step, is another result
+    to_zero = sample("dpmpp_2m", _model, x, s, n, "v", SamplerConfig(steps_offset=1), karras=karras)
+    assert (to_zero - ours).abs().max() > 100 * ATOL
+    if n < 15 and not lower_order_final and not euler_at_final and not karras:  # (Karras: the last step is the identity)
+        first_order_last = sample("dpmpp_2m", _model, x, s, n, "v", SamplerConfig(steps_offset=1, final_sigmas_type="sigma_min"))
+        assert (first_order_last - ours).abs().max() > 100 * ATOL
 
 
 def test_dpmpp_2m_zero_snr_trailing_v_matches_diffusers():

@@ -13,7 +13,7 @@ from ldm.data.tokenizer import train_clip_tokenizer
 from ldm.diffusion import NoiseSchedule
 from ldm.interop import load_sd_checkpoint, save_sd_checkpoint
 from ldm.interop.clip_keys import transformers_to_openclip, transformers_to_sd_v1_clip
-from ldm.interop.sd_single_file import read_sd_single_file
+from ldm.interop.sd_single_file import SD_SAMPLER, read_sd_single_file
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
@@ -48,7 +48,7 @@ def _reference(tokenizer_dir, unet_config, hidden_act, layer, in_channels=4):
     unet = randomize_(UNetModel(**unet_config, in_channels=in_channels), seed=1)
     vae = randomize_(KLAutoencoder(**VAE), seed=2)
     text = TextEncoder(_clip(tokenizer_dir, hidden_act), TextEncoder.load_tokenizer(tokenizer_dir), layer=layer)
-    return LatentDiffusionPipeline(unet, vae, text, NoiseSchedule(), "epsilon", 0.18215, 16, steps_offset=1)
+    return LatentDiffusionPipeline(unet, vae, text, NoiseSchedule(), "epsilon", 0.18215, 16, sampler_config=SD_SAMPLER)
 
 
 def test_foreign_v1_file_loads_and_generates_like_the_original(tmp_path, tokenizer_dir):
@@ -130,7 +130,7 @@ def test_our_export_round_trips_bit_identical(tmp_path, tokenizer_dir, hidden_ac
     for a, b in ((ref.unet, back.unet), (ref.vae, back.vae), (ref.text_encoder.model, back.text_encoder.model)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert (back.text_encoder.layer, back.steps_offset, back.sample_size) == (ref.text_encoder.layer, 1, 16)
+    assert (back.text_encoder.layer, back.sampler_config, back.sample_size) == (ref.text_encoder.layer, SD_SAMPLER, 16)
     torch.testing.assert_close(back("a blue square", **KW).images, ref("a blue square", **KW).images, rtol=0, atol=0)
 
 
