@@ -104,9 +104,11 @@ class LatentDiffusionPipeline:
                                          self.sampler_config)
         if format == "diffusers":
             from ldm.interop import write_diffusers_folder
+            from ldm.interop.diffusers_folder import last_layer_text_encoder
 
+            text_model = last_layer_text_encoder(self.text_encoder.model, self.text_encoder.layer)
             return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), vae_kwargs(self.vae_config),
-                                          self.text_encoder.model, self.text_encoder.tokenizer,
+                                          text_model, self.text_encoder.tokenizer,
                                           {**self.schedule.to_diffusers_scheduler_config(), **self.sampler_config.to_dict()},
                                           scheduler_class="DPMSolverMultistepScheduler", prediction_type=self.prediction_type,
                                           vae_scaling_factor=self.scaling_factor, sample_size=self.sample_size // self.vae.downsampling_factor)

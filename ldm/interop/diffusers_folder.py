@@ -107,6 +107,23 @@ def _write_model(folder: Path, class_name: str, config: Mapping[str, Any], state
     save_file(_contiguous_unshared(state), str(folder / f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
 
 
+def last_layer_text_encoder(model: Any, layer: str) -> Any:
+    """The ``CLIPTextModel`` a diffusers folder holds for a text encoder read at ``layer``. diffusers' SD pipelines
+    condition on the last hidden state (after the final layer norm), so an encoder read at the penultimate layer
+    (SD 2.x) is written without its last transformer layer, as Stability's SD 2.x diffusers folders are; with the
+    final layer norm on top, its last hidden state is the penultimate one of the whole model."""
+    if layer == "last":
+        return model
+    from transformers import CLIPTextModel
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_hidden_layers -= 1
+    dropped = f"encoder.layers.{config.num_hidden_layers}."
+    shorter = CLIPTextModel(config)
+    shorter.load_state_dict({k: v for k, v in model.state_dict().items() if dropped not in k})
+    return shorter.eval()
+
+
 def write_diffusers_folder(
     path: str | Path,
     unet_state: Mapping[str, torch.Tensor],
@@ -161,8 +178,9 @@ def write_diffusers_folder(
     scheduler: dict[str, Any] = {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION}
     scheduler.update(dict(scheduler_config))
     scheduler["prediction_type"] = prediction_type
+    # ldm's samplers never clip x0; say so for diffusers' schedulers that would by default (DDIM/DDPM swapped in).
+    scheduler.setdefault("clip_sample", False)
     if scheduler_class == "DDIMScheduler":
-        scheduler.setdefault("clip_sample", False)
         scheduler.setdefault("set_alpha_to_one", False)
         scheduler.setdefault("steps_offset", 1)
     elif scheduler_class == "DPMSolverMultistepScheduler":

@@ -8,7 +8,7 @@ the two the same computation:
 - scheduler: ``DPMSolverMultistepScheduler`` with SD's ``scaled_linear`` betas 0.00085..0.012,
   ``algorithm_type="dpmsolver++"``, ``solver_order=2``, ``solver_type="midpoint"``, ``final_sigmas_type="zero"``
   (our ``dpmpp_2m``: first-order last step into sigma = 0, whatever ``lower_order_final`` says), and the
-  ``timestep_spacing`` that our call is given (our pipeline does not read the spacing from the folder);
+  ``timestep_spacing`` that our call is given (overriding the folder's, which our pipeline otherwise follows);
 - noise: ours draws image i's latents as ``torch.randn(latent_shape, generator=Generator().manual_seed(seed + i))``;
   diffusers' ``prepare_latents`` given one CPU generator per image draws the same numbers
   (``init_noise_sigma`` is 1 for DPM-Solver);

@@ -153,3 +153,92 @@ def test_missing_tokenizer_and_unknown_layouts_are_clear_errors(tmp_path, tokeni
 
     with pytest.raises(FileNotFoundError, match="not a model"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "missing-folder")
+
+
+def _foreign_file(ref: LatentDiffusionPipeline, path):
+    """A single file as other tools write it: SD keys only (OpenCLIP layout for a gelu CLIP), no ldm metadata."""
+    clip = ref.text_encoder.model.state_dict()
+    if ref.text_encoder.model.config.hidden_act == "gelu":
+        clip = transformers_to_openclip(clip)
+    return save_sd_checkpoint(path, ref.unet.state_dict(), ref.vae.state_dict(), clip)
+
+
+def test_prediction_type_argument_reaches_the_single_file_reader(tmp_path, tokenizer_dir, caplog):
+    path = _foreign_file(_reference(tokenizer_dir, V2_UNET, "gelu", "penultimate"), tmp_path / "v2-768-v.safetensors")
+    with caplog.at_level("WARNING", logger="ldm.interop.sd_single_file"):
+        pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, prediction_type="v_prediction")
+    assert (pipe.prediction_type, pipe.sample_size) == ("v_prediction", 768)  # 768-v: the default size follows
+    assert "prediction_type" not in caplog.text  # no warning asking for the argument that was given
+    assert LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, prediction_type="v").sample_size == 768
+    # Without it: epsilon at 512 (SD 2.x base), with the warning that names the argument.
+    with caplog.at_level("WARNING", logger="ldm.interop.sd_single_file"):
+        pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
+    assert (pipe.prediction_type, pipe.sample_size) == ("epsilon", 512) and "prediction_type='v_prediction'" in caplog.text
+    # The same from a sidecar YAML; the argument wins over it, size included.
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: v\n")
+    pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
+    assert (pipe.prediction_type, pipe.sample_size) == ("v_prediction", 768)
+    pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, prediction_type="epsilon")
+    assert (pipe.prediction_type, pipe.sample_size) == ("epsilon", 512)
+
+
+# A v1-style UNet (context width != 1024, conv projections) with 2 heads instead of SD v1's 8: shapes are the same.
+TWO_HEADS = dict(V1_UNET, num_heads=2)
+
+
+def _unet_output(pipe: LatentDiffusionPipeline) -> torch.Tensor:
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    ctx = torch.randn(2, 77, CLIP_WIDTH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return pipe.unet(x, t, ctx)
+
+
+def test_head_count_from_yaml_header_or_argument(tmp_path, tokenizer_dir):
+    ref = _reference(tokenizer_dir, TWO_HEADS, "quick_gelu", "last")
+    expected = _unet_output(ref)
+    path = _foreign_file(ref, tmp_path / "custom.safetensors")
+
+    guessed = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)  # SD v1's convention: 8 heads
+    assert guessed.unet_config["num_heads"] == 8
+    assert (_unet_output(guessed) - expected).abs().max() > 1e-3  # the wrong count gives other outputs
+
+    by_argument = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_heads=2)
+    assert (by_argument.unet_config["num_heads"], by_argument.unet_config["num_head_channels"]) == (2, -1)
+    torch.testing.assert_close(_unet_output(by_argument), expected, rtol=0, atol=0)
+    by_width = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_head_channels=16)  # 32 ch: 2 heads
+    assert (_unet_output(by_width) - expected).abs().max() > 1e-3  # (64-channel level: 4 heads, not 2)
+
+    yaml = "model:\n  params:\n    unet_config:\n      params:\n        num_heads: 2\n        context_dim: 128\n"
+    path.with_suffix(".yaml").write_text(yaml)
+    by_yaml = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
+    assert by_yaml.unet_config["num_heads"] == 2
+    torch.testing.assert_close(_unet_output(by_yaml), expected, rtol=0, atol=0)
+    assert LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_heads=8).unet_config["num_heads"] == 8
+
+    # Our own export keeps its config (heads included) in the header, whatever a YAML beside it says.
+    ref.unet_config, ref.vae_config = dict(TWO_HEADS, in_channels=4), dict(VAE)
+    ours = ref.save_pretrained(tmp_path / "ours.safetensors", format="sd")
+    ours.with_suffix(".yaml").write_text(yaml.replace("num_heads: 2", "num_heads: 4"))
+    torch.testing.assert_close(_unet_output(LatentDiffusionPipeline.from_pretrained(ours)), expected, rtol=0, atol=0)
+
+
+def test_head_count_errors_and_cli_option(tmp_path, tokenizer_dir):
+    from ldm.cli import main
+
+    ref = _reference(tokenizer_dir, TWO_HEADS, "quick_gelu", "last")
+    path = _foreign_file(ref, tmp_path / "custom.safetensors")
+    with pytest.raises(ValueError, match="num_heads=3"):  # 32 channels do not split into 3 heads
+        LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_heads=3)
+    with pytest.raises(ValueError, match="num_head_channels=0"):
+        LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_head_channels=0)
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    unet_config:\n      params:\n        num_heads: 5\n")
+    with pytest.raises(ValueError, match="custom.safetensors.*num_heads"):
+        LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
+    path.with_suffix(".yaml").unlink()
+
+    main(["convert", str(path), str(tmp_path / "converted"), "--to", "ldm", "--tokenizer", str(tokenizer_dir), "--num-heads", "2"])
+    converted = LatentDiffusionPipeline.from_pretrained(tmp_path / "converted")
+    assert converted.unet_config["num_heads"] == 2 and converted.sampler_config == SD_SAMPLER
+    torch.testing.assert_close(_unet_output(converted), _unet_output(ref), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="SD single files"):  # a folder stores its heads
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "converted", num_heads=2)
