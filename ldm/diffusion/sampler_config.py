@@ -50,14 +50,12 @@ class SamplerConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], **defaults: Any) -> SamplerConfig:
         """The settings found in ``config`` (other keys are ignored); missing ones from ``defaults``, else ours."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{**defaults, **{k: v for k, v in config.items() if k in names}})
+        return cls(**{**defaults, **{k: v for k, v in config.items() if k in _NAMES}})
 
     @classmethod
     def split(cls, config: dict[str, Any], **defaults: Any) -> tuple[SamplerConfig, dict[str, Any]]:
         """``(settings, the rest of config)``: :meth:`from_dict` and the keys that are not ours."""
-        names = {f.name for f in fields(cls)}
-        return cls.from_dict(config, **defaults), {k: v for k, v in config.items() if k not in names}
+        return cls.from_dict(config, **defaults), {k: v for k, v in config.items() if k not in _NAMES}
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> SamplerConfig:
@@ -65,3 +63,6 @@ class SamplerConfig:
         ``DDIMScheduler`` (``set_alpha_to_one=True``, ``steps_offset=0``) and ``DPMSolverMultistepScheduler``,
         which is what ``DDIMScheduler.from_config(folder_config)`` and its kin would use."""
         return cls.from_dict(config, set_alpha_to_one=True)
+
+
+_NAMES = frozenset(f.name for f in fields(SamplerConfig))
