@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.interop.clip_keys import (
     clip_config_from_state,
     openclip_to_transformers,
@@ -35,7 +36,6 @@ from ldm.interop.clip_keys import (
     transformers_to_sd_v1_clip,
 )
 from ldm.interop.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
-from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.interop.vae_keys import vae_config_from_state_dict
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder

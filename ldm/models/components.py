@@ -131,9 +131,13 @@ def _from_diffusers(folder: Path) -> ModelComponents:
     sched = sched or {}
     config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
     latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
+    try:
+        sampler_config = SamplerConfig.from_diffusers(sched)
+    except ValueError as error:
+        raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {error}") from error
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_diffusers_scheduler_config(sched),
                            sched.get("prediction_type", "epsilon"), config["scaling_factor"],
-                           int(latent_size) * vae.downsampling_factor, unet_config, config, SamplerConfig.from_diffusers(sched))
+                           int(latent_size) * vae.downsampling_factor, unet_config, config, sampler_config)
 
 
 def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, prediction_type: str | None,

@@ -69,3 +69,20 @@ def test_load_lora_scale_and_merge(pipe, tmp_path):  # noqa: F811
     target.set_lora_scale(1.0)
     target.merge_lora()
     assert torch.allclose(target("a blue square", **KW).images, with_lora, atol=1e-4)
+
+
+def test_diffusers_folder_scheduler_settings_are_followed_or_named(pipe, tmp_path):  # noqa: F811
+    import json
+
+    folder = pipe.save_pretrained(tmp_path / "sd-diffusers", format="diffusers")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["clip_sample"] is False and config["set_alpha_to_one"] is pipe.sampler_config.set_alpha_to_one
+    config.update(final_sigmas_type="sigma_min", timestep_spacing="trailing")
+    config_path.write_text(json.dumps(config))
+    back = LatentDiffusionPipeline.from_pretrained(folder)
+    assert (back.sampler_config.final_sigmas_type, back.sampler_config.timestep_spacing) == ("sigma_min", "trailing")
+    config["timestep_spacing"] = "uniform"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="scheduler_config.json.*timestep_spacing"):
+        LatentDiffusionPipeline.from_pretrained(folder)
