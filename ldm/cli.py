@@ -10,18 +10,26 @@ from collections.abc import Sequence
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Models whose every constructor argument `ldm fit --help` documents.
 MODEL_CLASSES = ("ldm.models.AutoencoderKL", "ldm.models.LatentDiffusion")
+# DataModules `--data` takes (any LightningDataModule does; the first is the default, which a config's plain `data:`
+# keys configure) and whose every argument `ldm fit --help` documents.
+DATA_CLASSES = ("ldm.data.ImageCaptionDataModule", "ldm.data.PrecomputedLatentsDataModule")
 
 
 def _lightning_cli(args: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
+    import ldm.data  # noqa: F401  (registers our DataModules as subclass choices)
     import ldm.models  # noqa: F401  (registers our LightningModules as subclass choices)
-    from ldm.data import ImageCaptionDataModule
 
-    LightningCLI(
+    class _CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.set_defaults({"data": {"class_path": DATA_CLASSES[0]}})
+
+    _CLI(
         model_class=None,
-        datamodule_class=ImageCaptionDataModule,
+        datamodule_class=None,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
@@ -36,6 +44,9 @@ def _lightning_main(args: list[str]) -> None:
             for class_path in MODEL_CLASSES:
                 print(f"\n{'=' * 20} --model {class_path} {'=' * 20}")
                 _run_help([args[0], "--model.help", class_path])
+            for class_path in DATA_CLASSES:
+                print(f"\n{'=' * 20} --data {class_path} {'=' * 20}")
+                _run_help([args[0], "--data.help", class_path])
             return
         _lightning_cli(args)
     finally:
@@ -66,7 +77,27 @@ def _data_main(args: list[str]) -> None:
     tok.add_argument("--out", required=True, help="output folder (loadable with CLIPTokenizer.from_pretrained)")
     tok.add_argument("--data-dir", default="data", help="where built-in datasets live")
     tok.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary to learn")
+    _add_encode_parser(sub)
+    opt = sub.add_parser("optimize", help="write a dataset (folder or built-in) as litdata shards for streaming")
+    opt.add_argument("root", help="dataset folder or built-in name (anything --data.root accepts)")
+    opt.add_argument("--out", required=True, help="output directory (train/ and val/ litdata directories)")
+    opt.add_argument("--data-dir", default="data", help="where built-in datasets live")
+    opt.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    opt.add_argument("--resize", type=int, default=None, help="re-encode with the shorter side at most this many pixels")
+    opt.add_argument("--chunk-bytes", default="64MB", help="target chunk size")
+    opt.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
     ns = parser.parse_args(args)
+    if ns.command == "optimize":
+        from ldm.data.shards import optimize_dataset
+
+        summary = optimize_dataset(ns.root, ns.out, workers=ns.workers, resize=ns.resize, chunk_bytes=ns.chunk_bytes,
+                                   data_dir=ns.data_dir, val_fraction=ns.val_fraction)
+        print(f"Wrote {summary['splits']['train']} training and {summary['splits']['val']} validation images to {ns.out} "
+              f"({len(summary['skipped'])} unreadable skipped)")
+        return
+    if ns.command == "encode":
+        _encode_main(ns)
+        return
     if ns.command == "tokenizer":
         from ldm.data import ImageCaptionDataModule
         from ldm.data.tokenizer import train_clip_tokenizer
@@ -81,6 +112,50 @@ def _data_main(args: list[str]) -> None:
     options = {k: v for k, v in {"image_size": ns.image_size, "num_images": ns.num_images, "seed": ns.seed}.items() if v is not None}
     path = prepare_builtin(ns.name, ns.out, **options)
     print(f"Prepared {ns.name} in {path}")
+
+
+def _add_encode_parser(sub) -> None:
+    enc = sub.add_parser(
+        "encode", help="encode a dataset once with a frozen VAE (and text encoder) into precomputed latents (litdata)",
+        description="Write the VAE posterior moments of every training and validation image (centre crop, no flip: what "
+                    "training sees), their captions and split, and optionally the text embeddings of every distinct "
+                    "caption, as litdata chunks under --out, with --out/ldm_latents.json. Rerun the same command to "
+                    "resume an interrupted encode. Train with: ldm fit ... --data ldm.data.PrecomputedLatentsDataModule "
+                    "--data.root OUT")
+    enc.add_argument("src", help="dataset folder or built-in name (anything --data.root accepts)")
+    enc.add_argument("--vae", required=True, metavar="MODEL",
+                     help="VAE folder (AutoencoderKL.save_pretrained, e.g. checkpoints/digits-vae), or a model "
+                          "(ldm export, diffusers folder, LatentDiffusion .ckpt, SD single file): its VAE")
+    enc.add_argument("--out", required=True, help="output folder")
+    enc.add_argument("--text-encoder", default=None, metavar="MODEL_OR_FOLDER",
+                     help="also write frozen text-encoder embeddings: a CLIP text encoder folder or hub id, a model folder "
+                          "with text_encoder/ and tokenizer/, or 'same' for the text encoder of the --vae model")
+    enc.add_argument("--text-encoder-layer", default=None, choices=["last", "penultimate"],
+                     help="hidden layer used as context (default: the one recorded with the text encoder)")
+    enc.add_argument("--image-size", type=int, default=None, help="training image size (default: the VAE's training size)")
+    enc.add_argument("--batch-size", type=int, default=32, help="images (captions) per encoder call")
+    enc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    enc.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                     help="storage of moments and embeddings (float16: half the size; read back as float32)")
+    enc.add_argument("--chunk-bytes", default="64MB", help="target litdata chunk size")
+    enc.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
+    enc.add_argument("--data-dir", default="data", help="where built-in datasets live")
+    enc.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
+    enc.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
+
+
+def _encode_main(ns: argparse.Namespace) -> None:
+    from ldm.models.precompute import encode_dataset
+
+    summary = encode_dataset(ns.src, ns.vae, ns.out, text_encoder=ns.text_encoder, text_encoder_layer=ns.text_encoder_layer,
+                             image_size=ns.image_size, batch_size=ns.batch_size, device=ns.device, dtype=ns.dtype,
+                             chunk_bytes=ns.chunk_bytes, part_size=ns.part_size, data_dir=ns.data_dir,
+                             val_fraction=ns.val_fraction, num_workers=ns.num_workers)
+    counts = summary.info["counts"]
+    done = "already complete; nothing encoded" if summary.already_complete else "parts written: " + ", ".join(
+        f"{name} {len(parts)}" for name, parts in summary.parts_written.items())
+    print(f"{ns.out}: {counts['train']} training and {counts['val']} validation latents, {counts['captions']} caption "
+          f"embeddings ({done}). Train with --data ldm.data.PrecomputedLatentsDataModule --data.root {ns.out}")
 
 
 def _reconstruct_main(args: list[str]) -> None:
@@ -293,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "usage: ldm {fit,validate,test,predict} --config CONFIG [...]   train/evaluate (LightningCLI; --help lists every knob)\n"
             "       ldm data prepare {digits,mirrored_digits,shapes} --out DIR  write a bundled dataset\n"
             "       ldm data tokenizer ROOT --out DIR                      train a CLIP-style tokenizer on captions\n"
+            "       ldm data encode SRC --vae MODEL --out DIR              precompute VAE latents (+ text embeddings)\n"
             "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid\n"
             "       ldm generate PROMPT --model DIR [--steps 25 --seed 0]  text-to-image (img2img/inpainting: --init-image, --mask)\n"
             "       ldm convert SRC DST --to ldm|diffusers|sd              convert between model formats\n"

@@ -4,6 +4,8 @@ from ldm.data.builtin import BUILTIN_DATASETS, prepare_builtin
 from ldm.data.datamodule import ImageCaptionDataModule
 from ldm.data.dataset import ImageCaptionDataset, build_transform
 from ldm.data.images import BadImageError, load_rgb
+from ldm.data.precomputed import PrecomputedLatentsDataset
+from ldm.data.precomputed_datamodule import PrecomputedLatentsDataModule
 from ldm.data.records import ImageRecord
 from ldm.data.scan import scan_records
 from ldm.data.sources import discover_records
@@ -15,6 +17,8 @@ __all__ = [
     "ImageCaptionDataModule",
     "ImageCaptionDataset",
     "ImageRecord",
+    "PrecomputedLatentsDataModule",
+    "PrecomputedLatentsDataset",
     "build_transform",
     "discover_records",
     "load_rgb",

@@ -10,8 +10,18 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ldm.data.builtin import BUILTIN_DATASETS, is_prepared, prepare_builtin
+from ldm.data.buckets import assign_buckets, bucket_sizes
 from ldm.data.dataset import CROP_CHOICES, ImageCaptionDataset
-from ldm.data.scan import ON_BAD_FILE_CHOICES, scan_records
+from ldm.data.manifest import ScanManifest
+from ldm.data.records import ImageRecord
+from ldm.data.resumable import ResumableTrainData
+from ldm.data.scan import (
+    ON_BAD_FILE_CHOICES,
+    VERIFY_CHOICES,
+    default_scan_workers,
+    inspect_files,
+    scan_dataset,
+)
 from ldm.data.sources import LAYOUT_HELP, discover_records
 from ldm.data.split import split_records
 
@@ -20,12 +30,13 @@ __all__ = ["ImageCaptionDataModule"]
 log = logging.getLogger(__name__)
 
 
-class ImageCaptionDataModule(L.LightningDataModule):
+class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
     """Images with captions from a folder (or a built-in dataset), as batches for training.
 
     Batches are dicts: ``image`` FloatTensor[B, 3, S, S] in [-1, 1], ``text`` list of B
     captions, ``index`` LongTensor[B]. Every rank discovers, scans and splits the data the same
-    deterministic way, so this works unchanged under DDP (Lightning adds the distributed sampler).
+    deterministic way; under DDP each rank takes its share of one seeded global batch order (no sampler
+    needed), and a run resumed mid-epoch sees exactly the batches the uninterrupted run would have.
 
     Args:
         root: Dataset folder (with metadata.jsonl, metadata.csv, or .txt/.caption files beside
@@ -50,12 +61,39 @@ class ImageCaptionDataModule(L.LightningDataModule):
         val_batch_size: Validation batch size; defaults to ``batch_size``.
         num_workers: DataLoader worker processes (0 loads in the main process).
         pin_memory: Pin batches in page-locked memory (faster copies to a GPU).
-        persistent_workers: Keep workers alive between epochs (only used when num_workers > 0).
+        persistent_workers: Keep validation workers alive between epochs (only used when num_workers > 0;
+            training workers restart each epoch, as they learn the epoch's order when they start).
         on_bad_file: What to do with unreadable or missing images found at set-up: "skip" leaves
             them out and logs each one; "error" stops at the first.
+        verify: How hard set-up checks each image: "full" decodes every pixel (catches truncated
+            files); "header" opens the file and reads its size without decoding (catches
+            non-images, much faster); "none" only checks that the file exists and is not empty.
+            Results are kept in a manifest (see ``manifest_dir``), so a later start re-checks only
+            new or changed files; an entry from a weaker mode does not count for a stronger one.
+        scan_workers: Processes that check images at set-up; default min(8, CPU count).
+        manifest_dir: Folder for the scan manifest. Default: ``.ldm-manifest.json`` in the dataset
+            folder, or ``~/.cache/ldm/manifests/`` (``$XDG_CACHE_HOME``) when that folder is not
+            writable.
+        prepare_data_per_node: Lightning runs ``prepare_data()`` (writing a built-in dataset, and
+            the image scan that fills the manifest) on the first process of every node (True) or
+            only on global rank 0 (False), while the other ranks wait, then read the manifest in
+            ``setup()``. True is safe everywhere: on a filesystem shared by the nodes each node's
+            first process scans at the same time and they write the same manifest atomically.
+            False scans once for the whole job, but only if every node sees the same dataset
+            folder (and ``data_dir``): on a node that does not, every rank would then write the
+            built-in dataset and scan the images on its own.
         max_train_samples: Use only the first N training images (for quick runs).
         builtin_options: Options for preparing a built-in dataset, e.g. ``{"image_size": 64,
             "num_images": 5000}`` for "shapes".
+        seed: Seed of the training order: epoch ``e`` shuffles by ``(seed, e)`` on every rank alike, and a run
+            resumed from a checkpoint continues that order exactly where it stopped.
+        buckets: Aspect-ratio buckets: instead of a centre square, each image keeps (about) its aspect
+            ratio at (at most) ``image_size**2`` pixels, in the nearest of a few resolutions
+            (:func:`ldm.data.buckets.bucket_sizes`); every batch holds one bucket, and the bucket order
+            is shuffled by ``seed`` alike on every rank, so DDP batches match in shape.
+        bucket_multiple: Bucket sides are multiples of this: the VAE's factor x the UNet's
+            downsampling (SD: 8 x 8 = 64); ``image_size`` must be one too.
+        bucket_max_ratio: Widest (and tallest) bucket aspect ratio.
     """
 
     def __init__(
@@ -75,12 +113,23 @@ class ImageCaptionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         on_bad_file: Literal["skip", "error"] = "skip",
+        verify: Literal["full", "header", "none"] = "full",
+        scan_workers: int | None = None,
+        manifest_dir: str | None = None,
+        prepare_data_per_node: bool = True,
         max_train_samples: int | None = None,
         builtin_options: dict[str, Any] | None = None,
+        seed: int = 0,
+        buckets: bool = False,
+        bucket_multiple: int = 64,
+        bucket_max_ratio: float = 2.0,
     ) -> None:
         super().__init__()
         _check_choice("crop", crop, CROP_CHOICES)
         _check_choice("on_bad_file", on_bad_file, ON_BAD_FILE_CHOICES)
+        _check_choice("verify", verify, VERIFY_CHOICES)
+        if scan_workers is not None and (isinstance(scan_workers, bool) or scan_workers < 1):
+            raise ValueError(f"scan_workers must be a positive integer or None, got {scan_workers!r}")
         if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         for name, value in (("image_size", image_size), ("batch_size", batch_size)):
@@ -108,20 +157,50 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.on_bad_file = on_bad_file
+        self.verify = verify
+        self.scan_workers = scan_workers if scan_workers is not None else default_scan_workers()
+        self.manifest_dir = manifest_dir
+        self.prepare_data_per_node = prepare_data_per_node  # read by Lightning's Trainer
         self.max_train_samples = max_train_samples
         self.builtin_options = dict(builtin_options or {})
+        self.seed = int(seed)
+        self.buckets, self.bucket_multiple, self.bucket_max_ratio = buckets, bucket_multiple, bucket_max_ratio
+        self.bucket_sizes: list[tuple[int, int]] = []
+        if buckets:
+            try:
+                self.bucket_sizes = bucket_sizes(image_size, bucket_multiple, bucket_max_ratio)
+            except ValueError as error:
+                raise ValueError(f"buckets: {error} (set data.image_size to a multiple of data.bucket_multiple)") from error
         self.dataset_root, self.builtin_name = _resolve_root(root, data_dir)
         self.train_dataset: ImageCaptionDataset | None = None
         self.val_dataset: ImageCaptionDataset | None = None
         self.skipped: list[tuple[str, str]] = []
+        self.image_sizes: dict[str, tuple[int, int]] = {}
 
     def prepare_data(self) -> None:
-        """Write the built-in dataset if ``root`` names one and it is not on disk yet."""
+        """Write the built-in dataset if ``root`` names one and it is not on disk yet, then check
+        the images that the scan manifest does not vouch for and update it.
+
+        Lightning runs this on one process per node (or only on global rank 0 when
+        ``prepare_data_per_node`` is False) while the other ranks wait, so they find a complete
+        manifest in `setup` instead of each decoding every image. Bad files are only recorded
+        here; `setup` skips or refuses them on every rank alike.
+        """
         if self.builtin_name is not None:
             prepare_builtin(self.builtin_name, self.dataset_root, **self.builtin_options)
+        records = self._discover()
+        inspect_files(
+            self.dataset_root, [r.path for r in records], self.verify, self.scan_workers,
+            self._manifest(),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Discover the images, drop unreadable ones, and split train/validation.
+
+        Images are checked against the scan manifest: only files it does not vouch for (none
+        after `prepare_data`, unless files changed since) are checked here, so this also works
+        outside a Trainer. ``image_sizes`` then holds ``(width, height)`` by relative path for
+        every readable image whose size the check read (all of them unless ``verify="none"``).
 
         Args:
             stage: Lightning stage ("fit", "validate", ...); the same data serves every stage.
@@ -130,10 +209,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
             return
         if self.builtin_name is not None and not is_prepared(self.dataset_root):
             self.prepare_data()  # used outside a Trainer without calling prepare_data() first
-        records = discover_records(
-            self.dataset_root, self.csv_file, self.image_column, self.caption_column
+        scan = scan_dataset(
+            self.dataset_root, self._discover(), self.on_bad_file, self.verify, self.scan_workers,
+            self._manifest(),
         )
-        records, self.skipped = scan_records(self.dataset_root, records, self.on_bad_file)
+        records, self.skipped, self.image_sizes = scan.good, scan.skipped, scan.sizes
         train, val = split_records(records, self.val_fraction)
         if not train:
             raise ValueError(
@@ -144,27 +224,56 @@ class ImageCaptionDataModule(L.LightningDataModule):
             train = train[: self.max_train_samples]
         common = {"root": self.dataset_root, "image_size": self.image_size}
         self.train_dataset = ImageCaptionDataset(
-            records=train, crop=self.crop, random_flip=self.random_flip, train=True, **common
+            records=train, crop=self.crop, random_flip=self.random_flip, train=True,
+            sizes=self._bucket_of(train), **common
         )
-        self.val_dataset = ImageCaptionDataset(records=val, crop="center", train=False, **common)
+        self.val_dataset = ImageCaptionDataset(
+            records=val, crop="center", train=False, sizes=self._bucket_of(val), **common
+        )
         log.info(
             "%s: %d training and %d validation images (%d unreadable skipped)",
             self.dataset_root, len(train), len(val), len(self.skipped),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last partial batch is dropped when there is more than
-        one batch."""
-        dataset = self._require(self.train_dataset)
-        return self._loader(
-            dataset, self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size
+    def _bucket_of(self, records: list[ImageRecord]) -> list[tuple[int, int]] | None:
+        """Each record's bucket ``(height, width)`` (None without buckets); sizes from the scan, else the header."""
+        if not self.buckets:
+            return None
+        image_sizes = [self.image_sizes.get(r.path) or _header_size(self.dataset_root / r.path) for r in records]
+        return [self.bucket_sizes[b] for b in assign_buckets(image_sizes, self.bucket_sizes)]
+
+    def _groups(self, dataset: ImageCaptionDataset) -> list[list[int]]:
+        """Item indices that may share a batch: all, or those of each bucket."""
+        sizes = getattr(dataset, "sizes", None)  # (a latent cache wrapping the dataset has them too)
+        if sizes is None:
+            return [list(range(len(dataset)))]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(i)
+        return [by_size[size] for size in sorted(by_size)]
+
+    def _discover(self) -> list[ImageRecord]:
+        return discover_records(
+            self.dataset_root, self.csv_file, self.image_column, self.caption_column
         )
+
+    def _manifest(self) -> ScanManifest:
+        return ScanManifest(self.dataset_root, self.manifest_dir)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches in the seeded, resumable order of :mod:`ldm.data.epoch_plan` (each rank its
+        share); the last partial batch is dropped when there is more than one batch."""
+        dataset = self._require(self.train_dataset)
+        return self.planned_loader(dataset, self._groups(dataset), self.batch_size, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order (an empty list when there is no validation set)."""
         dataset = self._require(self.val_dataset)
         if len(dataset) == 0:
             return []
+        if getattr(dataset, "sizes", None) is not None:  # one bucket per batch, in order; each rank its share
+            return self.planned_loader(dataset, self._groups(dataset), self.val_batch_size, self.num_workers, self.pin_memory,
+                                       validation=True)
         return self._loader(dataset, self.val_batch_size, shuffle=False, drop_last=False)
 
     def _loader(
@@ -186,6 +295,13 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return dataset
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

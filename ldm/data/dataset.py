@@ -67,6 +67,8 @@ class ImageCaptionDataset(Dataset):
         crop: ``"center"`` or ``"random"`` square crop after resizing the shorter side.
         random_flip: Random horizontal flips (off by default: they break "left"/"right" captions).
         train: Training mode (random caption per access) or eval mode (first caption).
+        sizes: Per record, the ``(height, width)`` of its aspect-ratio bucket (:mod:`ldm.data.buckets`): the
+            image is resized to cover it and cropped to it instead of to a square. None: squares of ``image_size``.
     """
 
     def __init__(
@@ -77,12 +79,18 @@ class ImageCaptionDataset(Dataset):
         crop: str = "center",
         random_flip: bool = False,
         train: bool = True,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.root = Path(root)
         self.records = list(records)
         self.image_size = image_size
         self.train = train
         self.transform = build_transform(image_size, crop, random_flip)
+        if sizes is not None and len(sizes) != len(self.records):
+            raise ValueError(f"sizes has {len(sizes)} entries for {len(self.records)} records")
+        self.sizes = None if sizes is None else [tuple(s) for s in sizes]
+        self._crop, self._flip = crop, random_flip
+        self._bucket_transforms: dict[tuple[int, int], v2.Compose] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -100,11 +108,22 @@ class ImageCaptionDataset(Dataset):
             return captions[0]
         return captions[int(torch.randint(len(captions), ()).item())]
 
+    def transform_for(self, index: int) -> v2.Compose:
+        """The transform of one record: its bucket's resize-and-crop, or the square one."""
+        if self.sizes is None:
+            return self.transform
+        size = self.sizes[index]
+        if size not in self._bucket_transforms:
+            from ldm.data.buckets import bucket_transform  # (buckets builds on this module)
+
+            self._bucket_transforms[size] = bucket_transform(*size, crop=self._crop, random_flip=self._flip)
+        return self._bucket_transforms[size]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
         record = self.records[index]
         image = load_rgb(self.root / record.path)
         return {
-            "image": self.transform(image).as_subclass(torch.Tensor),
+            "image": self.transform_for(index)(image).as_subclass(torch.Tensor),
             "text": self.caption(index),
             "index": index,
         }

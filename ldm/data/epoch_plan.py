@@ -1,10 +1,12 @@
 """The training order of an epoch as a pure function of (seed, epoch): batches, ranks, workers and resume.
 
 Every rank computes the same global list of batches for an epoch: items are shuffled within each group
-(one group, or one per aspect-ratio bucket, so that a batch never mixes sizes), cut into batches, and the
-batches of all groups are shuffled together. Rank ``r`` of ``W`` takes batches ``r, r + W, ...`` of that list
-(the list is cut to a multiple of ``W`` so every rank runs the same number of steps); within a rank, DataLoader
-worker ``w`` of ``K`` loads the rank's batches ``w, w + K, ...``, which the DataLoader hands out in order.
+(one group, or one per aspect-ratio bucket, so that a batch never mixes sizes) and cut into batches; with
+several groups, each group's batches are taken ``W`` at a time (one step of ``W`` ranks, all in that group;
+leftovers fewer than ``W`` sit the epoch out) and those steps are shuffled together, so every rank runs the
+same bucket at the same step. Rank ``r`` of ``W`` takes batches ``r, r + W, ...`` of that list (cut to a
+multiple of ``W``, so every rank runs the same number of steps); within a rank, DataLoader worker ``w`` of
+``K`` loads the rank's batches ``w, w + K, ...``, which the DataLoader hands out in order.
 
 Resuming in the middle of an epoch is then a number: how many global batches were consumed. A resumed run
 skips exactly those and sees the very batches the uninterrupted run would have seen next (on the same world
@@ -91,17 +93,20 @@ class EpochPlan:
         """The global list of batches of ``epoch`` (a multiple of ``world_size`` of them)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        out: list[list[int]] = []
+        steps: list[list[list[int]]] = []  # each step: world_size batches of one group, one per rank
         for g, items in enumerate(self.groups):
             if self.shuffle:
                 items = shuffled_order(items, _generator(self.seed, epoch, g), self.chunk_sizes)
             cut = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
             if self.drop_last and len(cut) > 1 and len(cut[-1]) < self.batch_size:
                 cut.pop()
-            out += cut
+            if len(self.groups) > 1:  # a group's leftover batches (fewer than world_size) wait for the next epoch
+                cut = cut[: len(cut) - len(cut) % self.world_size]
+            steps += [cut[i : i + self.world_size] for i in range(0, len(cut), self.world_size)]
         if self.shuffle and len(self.groups) > 1:
-            order = torch.randperm(len(out), generator=_generator(self.seed, epoch, len(self.groups))).tolist()
-            out = [out[i] for i in order]
+            order = torch.randperm(len(steps), generator=_generator(self.seed, epoch, len(self.groups))).tolist()
+            steps = [steps[i] for i in order]
+        out = [batch for step in steps for batch in step]
         usable = len(out) - len(out) % self.world_size
         if usable == 0:
             raise ValueError(f"{len(out)} batches of {self.batch_size} cannot give each of {self.world_size} ranks one; "

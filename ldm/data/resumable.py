@@ -32,67 +32,74 @@ def world() -> tuple[int, int]:
 
 
 class PlannedLoader(DataLoader):
-    """A ``DataLoader`` over :class:`PlannedBatches` that sets the epoch and the batches to skip at each ``iter``."""
+    """A ``DataLoader`` over :class:`PlannedBatches`; each ``iter`` asks ``start()`` for the pass's
+    ``(epoch, global batches to skip)`` (workers learn them when they start, so this happens at ``iter``)."""
 
-    def __init__(self, batches: PlannedBatches, epoch: Callable[[], int], skip: Callable[[int], int], **kwargs: Any) -> None:
+    def __init__(self, batches: PlannedBatches, start: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
         super().__init__(batches, batch_size=None, **kwargs)
-        self._epoch, self._skip = epoch, skip
+        self._start = start
 
     def __iter__(self) -> Iterator[Any]:
         batches: PlannedBatches = self.dataset  # type: ignore[assignment]
-        batches.epoch = self._epoch()
-        batches.consumed = self._skip(batches.epoch)
+        batches.epoch, batches.consumed = self._start()
         return super().__iter__()
 
 
 class ResumableTrainData:
     """Mixin for a ``LightningDataModule``: :meth:`planned_loader` builds the training loader; the hooks below make
-    a resumed run continue the interrupted epoch batch for batch. Needs ``self.seed``."""
+    a resumed run continue the interrupted epoch batch for batch. Needs ``self.seed``.
+
+    The data epoch is counted here, one per pass over the training loader, not read from the Trainer: a resumed
+    run creates its first loader iterator before Lightning has decided whether it continues the interrupted
+    epoch or starts the next. So the checkpoint says which: a pass whose ``num_training_batches`` (with
+    ``limit_train_batches``) were all taken is saved as "the next epoch, nothing consumed".
+    """
 
     seed: int
-    _resume: tuple[int, int] | None = None  # (epoch, global batches) to skip when that epoch's loader starts
-    _skipped: tuple[int, int] = (-1, 0)  # (epoch, global batches) the running epoch's loader skipped
-    _consumed: tuple[int, int] = (-1, 0)  # (epoch, batches this rank took in it since the loader started)
-    _iterations = 0  # epochs counted without a Trainer
+    _epoch = -1  # the data epoch of the running (or last) pass
+    _skipped = 0  # global batches the running pass skipped (a resumed epoch)
+    _taken = 0  # batches this rank took from the running pass
+    _resume: tuple[int, int] | None = None  # (epoch, global batches) the next pass continues from
 
     def planned_loader(self, dataset: Dataset, groups: Sequence[Sequence[int]], batch_size: int, num_workers: int = 0,
                        pin_memory: bool = False, chunk_sizes: Sequence[int] | None = None,
-                       collate: Callable[[list[Any]], Any] = default_collate) -> PlannedLoader:
-        """The shuffled training loader of ``dataset``: batches within ``groups``, this rank's share, resumable."""
+                       collate: Callable[[list[Any]], Any] = default_collate, validation: bool = False) -> PlannedLoader:
+        """The shuffled training loader of ``dataset``: batches within ``groups``, this rank's share, resumable.
+        ``validation``: batches in order, the last partial ones kept, never skipped (ranks still split them; the
+        batches beyond a multiple of the world size are left out)."""
         rank, world_size = world()
-        plan = EpochPlan(groups, batch_size, seed=self.seed, world_size=world_size, chunk_sizes=chunk_sizes)
-        return PlannedLoader(PlannedBatches(dataset, plan, rank, collate), self._current_epoch, self._skip_in,
-                             num_workers=num_workers, pin_memory=pin_memory)
+        plan = EpochPlan(groups, batch_size, seed=self.seed, world_size=world_size, chunk_sizes=chunk_sizes,
+                         shuffle=not validation, drop_last=not validation)
+        start = (lambda: (0, 0)) if validation else self._start_pass
+        return PlannedLoader(PlannedBatches(dataset, plan, rank, collate), start, num_workers=num_workers, pin_memory=pin_memory)
 
-    def _current_epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.current_epoch
-        self._iterations += 1
-        return self._iterations - 1
-
-    def _skip_in(self, epoch: int) -> int:
-        if self._resume is None or self._resume[0] != epoch:
-            return 0
-        consumed = self._resume[1]
-        self._resume = None  # only the first pass over the interrupted epoch skips
-        self._skipped = (epoch, consumed)
-        log.info("resuming epoch %d after %d global batches", epoch, consumed)
-        return consumed
+    def _start_pass(self) -> tuple[int, int]:
+        if self._resume is not None:
+            (self._epoch, self._skipped), self._resume = self._resume, None
+            log.info("resuming data epoch %d after %d global batches", self._epoch, self._skipped)
+        else:
+            self._epoch, self._skipped = self._epoch + 1, 0
+        self._taken = 0
+        return self._epoch, self._skipped
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
-            epoch, count = self._consumed
-            self._consumed = (trainer.current_epoch, (count if epoch == trainer.current_epoch else 0) + 1)
+            self._taken += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the training data stands: the epoch and the global batches consumed in it (all ranks alike)."""
-        _, world_size = world()
-        epoch, count = self._consumed
-        skipped = self._skipped[1] if self._skipped[0] == epoch else 0
-        return {"epoch": epoch, "consumed_batches": skipped + count * world_size, "world_size": world_size, "seed": self.seed}
+        """Where the training data stands: the data epoch and the global batches consumed in it (all ranks alike)."""
+        world_size = world()[1]
+        if self._resume is not None:  # restored, not started yet
+            epoch, consumed = self._resume
+        else:
+            epoch, consumed = self._epoch, self._skipped + self._taken * world_size
+            trainer = getattr(self, "trainer", None)
+            steps = getattr(trainer, "num_training_batches", None)
+            if isinstance(steps, int) and steps > 0 and consumed // world_size >= steps:
+                epoch, consumed = epoch + 1, 0  # the epoch is over (Lightning resumes into the next one)
+        return {"epoch": epoch, "consumed_batches": consumed, "world_size": world_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state or state.get("epoch", -1) < 0:
@@ -101,4 +108,3 @@ class ResumableTrainData:
             log.warning("the checkpoint's data order used seed %s, this run seed %s: the resumed epoch's order differs",
                         state["seed"], self.seed)
         self._resume = (int(state["epoch"]), int(state["consumed_batches"]))
-        self._consumed = (int(state["epoch"]), 0)

@@ -170,7 +170,7 @@ def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) 
     state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     model.load_trained_state(state, str(path))
     model.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32
-    image_size = ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
+    image_size = ckpt.get("ldm_image_size") or ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
     vae_config = {**model.vae_config, "scaling_factor": float(model.scaling_factor)}
     return ModelComponents(model.unet.eval(), model.autoencoder.eval(), model.text_encoder.eval(), model.schedule, model.prediction_type,
                            float(model.scaling_factor), image_size, model.unet_config, vae_config, model.sampler_config)

@@ -32,6 +32,23 @@ def fingerprint(*parts: object, tensors: Iterable[torch.Tensor] = ()) -> str:
     return h.hexdigest()[:16]
 
 
+def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
+    """Hash of what turns images into posterior moments: a KL autoencoder's ``encoder`` and ``quant_conv`` weights.
+
+    Two VAEs with this hash give the same moments, whatever their decoders; ``ldm data encode`` records it and
+    ``LatentDiffusion`` compares it with its own VAE's before training on precomputed latents.
+    """
+    return fingerprint("vae-encoder", tensors=[*vae.encoder.state_dict().values(), *vae.quant_conv.state_dict().values()])
+
+
+def text_encoder_fingerprint(text_encoder) -> str:
+    """Hash of what turns captions into context: a :class:`~ldm.nn.text_encoder.TextEncoder`'s weights, vocabulary,
+    hidden layer and sequence length."""
+    vocab = sorted(text_encoder.tokenizer.get_vocab().items())
+    return fingerprint("text-encoder", text_encoder.layer, text_encoder.max_length, vocab,
+                       tensors=list(text_encoder.model.state_dict().values()))
+
+
 def file_signature(root: Path, paths: Sequence[str]) -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of each file: changes when a file is replaced or edited."""
     out = []

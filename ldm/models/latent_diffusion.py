@@ -18,7 +18,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.components import load_components
 from ldm.models.image_logging import log_image_grid
 from ldm.models.frozen_weights import cast_frozen, check_only_frozen_missing, frozen_state_keys
-from ldm.models.latent_cache import cache_latents, cache_text_embeddings
+from ldm.models.latent_cache import cache_latents, cache_text_embeddings, text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.models.pretrained import write_pipeline_folder
 from ldm.models.sampling import sample_latents
 from ldm.nn.distributions import DiagonalGaussianDistribution
@@ -96,6 +96,14 @@ class LatentDiffusion(pl.LightningModule):
             ``fp16`` to save memory; use with ``--trainer.precision bf16-mixed``/``16-mixed``. ``None`` keeps fp32.
         seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
             so a resumed run draws exactly what an uninterrupted one would).
+
+    Precomputed latents: batches that carry ``moments`` (``PrecomputedLatentsDataModule``, from ``ldm data encode``)
+    are trained on without encoding images, and batches that carry ``context`` without running a frozen text
+    encoder (caption dropout then swaps in the stored empty-prompt embedding, as the cache path does; a trained text
+    encoder ignores ``context``). At set-up the datamodule's ``encoder_fingerprint`` (and text-encoder fingerprint)
+    must match this model's, else training is refused. The whole VAE is still loaded: the decoder draws the
+    validation samples, and the encoder's weights are what the fingerprint check compares (with ``frozen_dtype``
+    the fingerprints are taken from the fp32 weights at construction).
     """
 
     def __init__(
@@ -159,6 +167,11 @@ class LatentDiffusion(pl.LightningModule):
                             schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr)
         if not train_text_encoder:
             self.text_encoder.freeze()
+        self._fingerprints: dict[str, str] = {}
+        if frozen_dtype is not None:  # the weights are about to be cast: hash the fp32 ones the encode used
+            self._fingerprints = {"vae": vae_encoder_fingerprint(self.autoencoder)}
+            if not train_text_encoder:
+                self._fingerprints["text"] = text_encoder_fingerprint(self.text_encoder)
         if lora_rank > 0:
             add_lora(self.unet, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets, dropout=lora_dropout)
             if lora_text_encoder:
@@ -171,6 +184,7 @@ class LatentDiffusion(pl.LightningModule):
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
         self._text_cache: dict[str, torch.Tensor] | None = None
+        self._empty_context: torch.Tensor | None = None
 
     def _build_new(self, autoencoder, unet, text_encoder, tokenizer, text_encoder_config, text_encoder_layer, prediction_type,
                    schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr) -> None:
@@ -224,6 +238,23 @@ class LatentDiffusion(pl.LightningModule):
             return torch.stack([self._text_cache[p] for p in prompts]).to(self.device, self.dtype)
         return self.text_encoder.encode(prompts).float()
 
+    def context_from_batch(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
+        """Context of a batch's captions after caption dropout: the batch's precomputed ``context`` (dropped captions
+        get the empty prompt's) when it has one and the text encoder is frozen, else :meth:`encode_text`."""
+        prompts = drop_captions(list(batch["text"]), dropout, generator)
+        if "context" not in batch or self.text_encoder.trainable:
+            return self.encode_text(prompts)
+        context = batch["context"].to(self.device, self.dtype)
+        dropped = torch.tensor([p == "" for p in prompts], device=self.device)
+        if dropped.any():
+            context = torch.where(dropped[:, None, None], self._empty_prompt_context().to(context), context)
+        return context
+
+    def _empty_prompt_context(self) -> torch.Tensor:
+        if self._empty_context is None:
+            self._empty_context = self.encode_text([""])[0].detach()
+        return self._empty_context
+
     def _step_generator(self, salt: int = 0) -> torch.Generator:
         """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""
         g = torch.Generator(device=self.device)
@@ -257,7 +288,7 @@ class LatentDiffusion(pl.LightningModule):
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
         x0 = self.latents_from_batch(batch, generator)
         b = x0.shape[0]
-        context = self.encode_text(drop_captions(list(batch["text"]), dropout, generator))
+        context = self.context_from_batch(batch, generator, dropout)
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         if self.hparams.noise_offset > 0:
             noise = offset_noise(noise, self.hparams.noise_offset, generator)
@@ -335,6 +366,9 @@ class LatentDiffusion(pl.LightningModule):
         # The data order and per-image caption choice draw from the global RNG; keep it so a resumed
         # run continues with the same batches (our own noise uses per-step generators).
         checkpoint["ldm_rng_state"] = torch.get_rng_state()
+        image_size = getattr(self.trainer.datamodule, "image_size", None)
+        if image_size:  # the sample size of a pipeline loaded from this .ckpt, whatever the DataModule
+            checkpoint["ldm_image_size"] = int(image_size)
 
         # A fine-tune re-reads its frozen weights from init_from: keep them out of the checkpoint (a LoRA
         # checkpoint then holds the adapters and optimiser state only). Not with weight averaging, whose
@@ -361,9 +395,12 @@ class LatentDiffusion(pl.LightningModule):
 
     # ----------------------------------------------------------------- cache
     def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if getattr(dm, "encoder_fingerprint", None) is not None:
+            self._check_precomputed(dm)
+            return
         if stage != "fit" or self.hparams.cache_dir is None or self._trainer is None:
             return
-        dm = self.trainer.datamodule
         if dm is None or getattr(dm, "train_dataset", None) is None:
             return
         if getattr(dm, "crop", "center") != "center" or getattr(dm, "random_flip", False):
@@ -376,6 +413,51 @@ class LatentDiffusion(pl.LightningModule):
         if not self.text_encoder.trainable:
             self._text_cache = cache_text_embeddings(Path(self.hparams.cache_dir), dm.train_dataset.dataset, self.text_encoder,
                                                      strategy)
+
+    def frozen_fingerprints(self, text: bool = True) -> dict[str, str]:
+        """Fingerprints of the VAE encoder (``vae``) and, when frozen and ``text``, the text encoder (``text``), as
+        ``ldm data encode`` records them."""
+        if "vae" not in self._fingerprints:
+            self._fingerprints["vae"] = vae_encoder_fingerprint(self.autoencoder)
+        if text and not self.text_encoder.trainable and "text" not in self._fingerprints:
+            self._fingerprints["text"] = text_encoder_fingerprint(self.text_encoder)
+        return self._fingerprints
+
+    def _check_precomputed(self, dm) -> None:
+        """Refuse precomputed latents (and text embeddings) that another VAE (text encoder) wrote."""
+        root = getattr(dm, "root", "the datamodule")
+        source = self.hparams.autoencoder or self.hparams.init_from
+        theirs, text_theirs = dm.encoder_fingerprint, getattr(dm, "text_encoder_fingerprint", None)
+        use_text = text_theirs is not None and not self.text_encoder.trainable
+        mine = self.frozen_fingerprints(text=use_text)
+        if theirs != mine["vae"]:
+            raise ValueError(
+                f"the precomputed latents in {root} were encoded by a VAE encoder with fingerprint {theirs}, but this "
+                f"model's VAE ({source}) has fingerprint {mine['vae']}: its latent space differs. Re-encode with this "
+                f"model's VAE: 'ldm data encode SRC --vae {source} --out NEW_DIR', and train from NEW_DIR."
+            )
+        if text_theirs is not None and not use_text:
+            log.warning("the text encoder is trained, so the precomputed text embeddings in %s are not used (set "
+                        "--data.init_args.text_embeddings false to stop reading them)", root)
+        elif use_text:
+            if text_theirs != mine["text"]:
+                text_source = self.hparams.text_encoder or self.hparams.init_from or self.hparams.tokenizer
+                raise ValueError(
+                    f"the precomputed text embeddings in {root} were written by a text encoder with fingerprint "
+                    f"{text_theirs}, but this model's frozen text encoder ({text_source}, layer {self.text_encoder.layer}) "
+                    f"has fingerprint {mine['text']}. Re-encode with this model's text encoder ('ldm data encode SRC "
+                    f"--vae {source} --text-encoder TEXT_ENCODER --out NEW_DIR'), or set --data.init_args.text_embeddings "
+                    "false to encode captions while training."
+                )
+            empty = getattr(dm, "empty_context", None)
+            if empty is not None:
+                self._empty_context = empty
+        if self.hparams.cache_dir is not None:
+            log.info("the latents are precomputed in %s; cache_dir is not used", root)
+        info = getattr(dm, "info", {})
+        if "scaling_factor" in info and abs(float(info["scaling_factor"]) - float(self.scaling_factor)) > 1e-6:
+            log.info("the latents in %s were written with scaling factor %s; this model scales by its own, %s", root,
+                     info["scaling_factor"], float(self.scaling_factor))
 
     # ----------------------------------------------------------------- export
     @property

@@ -103,7 +103,8 @@ def test_max_train_samples_and_workers(tmp_path):
                                persistent_workers=True))
     assert len(dm.train_dataset) == 5
     loader = dm.train_dataloader()
-    assert loader.num_workers == 1 and loader.persistent_workers
+    # training workers restart each epoch (they learn its order when they start); validation workers persist
+    assert loader.num_workers == 1 and not loader.persistent_workers and dm.val_dataloader().persistent_workers
     assert sum(len(b["text"]) for b in loader) == 4
     no_workers = _setup(_shapes_module(tmp_path, persistent_workers=True))
     assert no_workers.train_dataloader().persistent_workers is False

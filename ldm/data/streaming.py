@@ -1,0 +1,142 @@
+"""Training from litdata shards written by ``ldm data optimize``: a local directory or a remote URL litdata reads
+(``s3://``, ``gs://``, ...), with a bounded local cache, the folder path's transforms and captions, and the same
+seeded, resumable, rank- and worker-disjoint order (:mod:`ldm.data.resumable`), shuffled chunk-locally."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.data.dataset import CROP_CHOICES, build_transform
+from ldm.data.images import to_rgb
+from ldm.data.resumable import ResumableTrainData
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StreamingImageCaptionDataModule", "StreamingImageCaptionDataset"]
+
+
+def _join(url: str, part: str) -> str:
+    return url.rstrip("/") + "/" + part
+
+
+class StreamingImageCaptionDataset(Dataset):
+    """Items of one split of an ``ldm data optimize`` output, as the folder dataset gives them:
+    ``{"image": FloatTensor[3, S, S] in [-1, 1], "text": str, "index": int}``.
+
+    Args:
+        url: The split's litdata directory (``.../train``), local or remote.
+        image_size: Output height and width.
+        crop: ``"center"`` or ``"random"``.
+        random_flip: Random horizontal flips.
+        train: Random caption per access (else the first).
+        cache_dir: Local cache for remote chunks (litdata's default when None).
+        max_cache_size: Bound of that cache, e.g. ``"50GB"``.
+    """
+
+    def __init__(self, url: str, image_size: int = 32, crop: str = "center", random_flip: bool = False, train: bool = True,
+                 cache_dir: str | None = None, max_cache_size: str = "50GB") -> None:
+        from litdata import StreamingDataset
+
+        self.url, self.train = url, train
+        self.image_size = image_size
+        self.transform = build_transform(image_size, crop, random_flip)
+        self.shards = StreamingDataset(url, cache_dir=cache_dir, max_cache_size=max_cache_size, shuffle=False)
+        self.chunk_sizes = [end - start for start, end in self.shards.region_of_interest]
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.shards[index]
+        with Image.open(io.BytesIO(bytes(item["image"]))) as img:
+            img.load()
+            image = to_rgb(ImageOps.exif_transpose(img))
+        captions = json.loads(item["captions"])
+        if not captions:
+            text = ""
+        elif not self.train or len(captions) == 1:
+            text = captions[0]
+        else:
+            text = captions[int(torch.randint(len(captions), ()).item())]
+        return {"image": self.transform(image).as_subclass(torch.Tensor), "text": text, "index": index}
+
+
+class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
+    """Captioned images streamed from litdata shards (``ldm data optimize SRC --out DIR``), as training batches.
+
+    Batches are those of ``ImageCaptionDataModule``. Every rank and DataLoader worker reads a disjoint share of one
+    seeded order (chunks shuffled, then items within windows of a few chunks, so each worker keeps few chunks
+    open); a run resumed from a checkpoint continues the interrupted epoch batch for batch.
+
+    Args:
+        root: The optimize output: a local directory or a URL litdata reads (``s3://bucket/shards``), holding
+            ``train/`` and, when there is a validation split, ``val/``.
+        image_size: Height and width of training images (shorter side resized, then cropped).
+        crop: "center" or "random" crop for training ("center" for validation).
+        random_flip: Random horizontal flips for training.
+        batch_size: Training batch size (per device).
+        val_batch_size: Validation batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin batches in page-locked memory.
+        seed: Seed of the training order (see ``ImageCaptionDataModule``).
+        cache_dir: Local cache directory for remote chunks (litdata's default when None).
+        max_cache_size: Bound of the local chunk cache, e.g. "50GB".
+    """
+
+    def __init__(self, root: str, image_size: int = 32, crop: Literal["center", "random"] = "center", random_flip: bool = False,
+                 batch_size: int = 64, val_batch_size: int | None = None, num_workers: int = 0, pin_memory: bool = False,
+                 seed: int = 0, cache_dir: str | None = None, max_cache_size: str = "50GB") -> None:
+        super().__init__()
+        if crop not in CROP_CHOICES:
+            raise ValueError(f"crop must be one of {CROP_CHOICES}, got {crop!r}")
+        for name, value in (("image_size", image_size), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.save_hyperparameters()
+        self.root, self.image_size, self.crop, self.random_flip = root, image_size, crop, random_flip
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, int(seed)
+        self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
+        self.train_dataset: StreamingImageCaptionDataset | None = None
+        self.val_dataset: StreamingImageCaptionDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the shards (reading their index only)."""
+        if self.train_dataset is not None:
+            return
+        common = {"image_size": self.image_size, "cache_dir": self.cache_dir, "max_cache_size": self.max_cache_size}
+        try:
+            self.train_dataset = StreamingImageCaptionDataset(_join(self.root, "train"), crop=self.crop, random_flip=self.random_flip,
+                                                              train=True, **common)
+        except (FileNotFoundError, ValueError) as error:
+            raise FileNotFoundError(f"{self.root} holds no readable shards under train/ ({error}); write them with "
+                                    "'ldm data optimize SRC --out DIR'") from error
+        try:
+            self.val_dataset = StreamingImageCaptionDataset(_join(self.root, "val"), train=False, **common)
+        except (FileNotFoundError, ValueError):
+            self.val_dataset = None  # no validation split
+        log.info("%s: %d training and %d validation images in shards", self.root, len(self.train_dataset),
+                 len(self.val_dataset) if self.val_dataset is not None else 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """This rank's share of the seeded, chunk-local, resumable training order."""
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        dataset = self.train_dataset
+        return self.planned_loader(dataset, [range(len(dataset))], self.batch_size, self.num_workers, self.pin_memory,
+                                   chunk_sizes=dataset.chunk_sizes)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order (an empty list without a validation split)."""
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory)
