@@ -12,7 +12,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 MODEL_CLASSES = ("ldm.models.AutoencoderKL", "ldm.models.LatentDiffusion")
 # DataModules `--data` takes (any LightningDataModule does; the first is the default, which a config's plain `data:`
 # keys configure) and whose every argument `ldm fit --help` documents.
-DATA_CLASSES = ("ldm.data.ImageCaptionDataModule", "ldm.data.PrecomputedLatentsDataModule")
+DATA_CLASSES = ("ldm.data.ImageCaptionDataModule", "ldm.data.StreamingImageCaptionDataModule",
+                "ldm.data.PrecomputedLatentsDataModule")
 
 
 def _lightning_cli(args: list[str]) -> None:

@@ -10,6 +10,7 @@ from ldm.data.records import ImageRecord
 from ldm.data.scan import scan_records
 from ldm.data.sources import discover_records
 from ldm.data.split import split_records
+from ldm.data.streaming import StreamingImageCaptionDataModule, StreamingImageCaptionDataset
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -19,6 +20,8 @@ __all__ = [
     "ImageRecord",
     "PrecomputedLatentsDataModule",
     "PrecomputedLatentsDataset",
+    "StreamingImageCaptionDataModule",
+    "StreamingImageCaptionDataset",
     "build_transform",
     "discover_records",
     "load_rgb",

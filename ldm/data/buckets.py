@@ -25,6 +25,7 @@ from ldm.data.dataset import CROP_CHOICES, build_transform
 
 __all__ = [
     "CoverCrop",
+    "data_bucket_sizes",
     "assign_bucket",
     "assign_buckets",
     "bucket_sizes",
@@ -125,6 +126,15 @@ def _nearest(width: int, height: int, logs: Sequence[float]) -> int:
         if distance < best_distance - _TIE_TOLERANCE:
             best, best_distance = i, distance
     return best
+
+
+def data_bucket_sizes(image_size: int, multiple: int, max_ratio: float) -> list[tuple[int, int]]:
+    """:func:`bucket_sizes` for a DataModule's ``image_size``/``bucket_multiple``/``bucket_max_ratio``, with an error
+    that names those arguments."""
+    try:
+        return bucket_sizes(image_size, multiple, max_ratio)
+    except ValueError as error:
+        raise ValueError(f"buckets: {error} (data.image_size must be a multiple of data.bucket_multiple)") from error
 
 
 def assign_bucket(width: int, height: int, sizes: Sequence[tuple[int, int]]) -> int:

@@ -10,7 +10,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ldm.data.builtin import BUILTIN_DATASETS, is_prepared, prepare_builtin
-from ldm.data.buckets import assign_buckets, bucket_sizes
+from ldm.data.buckets import assign_buckets, data_bucket_sizes
+from ldm.data.epoch_plan import item_groups
 from ldm.data.dataset import CROP_CHOICES, ImageCaptionDataset
 from ldm.data.manifest import ScanManifest
 from ldm.data.records import ImageRecord
@@ -167,10 +168,7 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         self.buckets, self.bucket_multiple, self.bucket_max_ratio = buckets, bucket_multiple, bucket_max_ratio
         self.bucket_sizes: list[tuple[int, int]] = []
         if buckets:
-            try:
-                self.bucket_sizes = bucket_sizes(image_size, bucket_multiple, bucket_max_ratio)
-            except ValueError as error:
-                raise ValueError(f"buckets: {error} (set data.image_size to a multiple of data.bucket_multiple)") from error
+            self.bucket_sizes = data_bucket_sizes(image_size, bucket_multiple, bucket_max_ratio)
         self.dataset_root, self.builtin_name = _resolve_root(root, data_dir)
         self.train_dataset: ImageCaptionDataset | None = None
         self.val_dataset: ImageCaptionDataset | None = None
@@ -242,16 +240,6 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         image_sizes = [self.image_sizes.get(r.path) or _header_size(self.dataset_root / r.path) for r in records]
         return [self.bucket_sizes[b] for b in assign_buckets(image_sizes, self.bucket_sizes)]
 
-    def _groups(self, dataset: ImageCaptionDataset) -> list[list[int]]:
-        """Item indices that may share a batch: all, or those of each bucket."""
-        sizes = getattr(dataset, "sizes", None)  # (a latent cache wrapping the dataset has them too)
-        if sizes is None:
-            return [list(range(len(dataset)))]
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, size in enumerate(sizes):
-            by_size.setdefault(size, []).append(i)
-        return [by_size[size] for size in sorted(by_size)]
-
     def _discover(self) -> list[ImageRecord]:
         return discover_records(
             self.dataset_root, self.csv_file, self.image_column, self.caption_column
@@ -264,7 +252,7 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         """Shuffled training batches in the seeded, resumable order of :mod:`ldm.data.epoch_plan` (each rank its
         share); the last partial batch is dropped when there is more than one batch."""
         dataset = self._require(self.train_dataset)
-        return self.planned_loader(dataset, self._groups(dataset), self.batch_size, self.num_workers, self.pin_memory)
+        return self.planned_loader(dataset, item_groups(dataset), self.batch_size, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order (an empty list when there is no validation set)."""
@@ -272,7 +260,7 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         if len(dataset) == 0:
             return []
         if getattr(dataset, "sizes", None) is not None:  # one bucket per batch, in order; each rank its share
-            return self.planned_loader(dataset, self._groups(dataset), self.val_batch_size, self.num_workers, self.pin_memory,
+            return self.planned_loader(dataset, item_groups(dataset), self.val_batch_size, self.num_workers, self.pin_memory,
                                        validation=True)
         return self._loader(dataset, self.val_batch_size, shuffle=False, drop_last=False)
 

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from ldm.data.images import load_rgb
 from ldm.data.records import ImageRecord
 
-__all__ = ["CROP_CHOICES", "ImageCaptionDataset", "build_transform"]
+__all__ = ["CROP_CHOICES", "ImageCaptionDataset", "ItemTransforms", "build_transform"]
 
 CROP_CHOICES = ("center", "random")
 
@@ -49,6 +49,25 @@ def build_transform(image_size: int, crop: str = "center", random_flip: bool = F
         v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # [0, 1] -> [-1, 1]
     ]
     return v2.Compose(steps)
+
+
+class ItemTransforms:
+    """Per item: the square ``transform``, or with ``sizes`` (per item ``(height, width)`` of its aspect-ratio
+    bucket) that bucket's resize-and-crop (:func:`ldm.data.buckets.bucket_transform`, built once per size)."""
+
+    def __init__(self, transform: v2.Compose, sizes: Sequence[tuple[int, int]] | None, crop: str, random_flip: bool) -> None:
+        self.transform, self.sizes, self.crop, self.random_flip = transform, sizes, crop, random_flip
+        self._by_size: dict[tuple[int, int], v2.Compose] = {}
+
+    def __call__(self, index: int, image) -> torch.Tensor:
+        if self.sizes is None:
+            return self.transform(image).as_subclass(torch.Tensor)
+        size = self.sizes[index]
+        if size not in self._by_size:
+            from ldm.data.buckets import bucket_transform  # (buckets builds on this module)
+
+            self._by_size[size] = bucket_transform(*size, crop=self.crop, random_flip=self.random_flip)
+        return self._by_size[size](image).as_subclass(torch.Tensor)
 
 
 class ImageCaptionDataset(Dataset):
@@ -89,8 +108,7 @@ class ImageCaptionDataset(Dataset):
         if sizes is not None and len(sizes) != len(self.records):
             raise ValueError(f"sizes has {len(sizes)} entries for {len(self.records)} records")
         self.sizes = None if sizes is None else [tuple(s) for s in sizes]
-        self._crop, self._flip = crop, random_flip
-        self._bucket_transforms: dict[tuple[int, int], v2.Compose] = {}
+        self.transforms = ItemTransforms(self.transform, self.sizes, crop, random_flip)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -108,22 +126,11 @@ class ImageCaptionDataset(Dataset):
             return captions[0]
         return captions[int(torch.randint(len(captions), ()).item())]
 
-    def transform_for(self, index: int) -> v2.Compose:
-        """The transform of one record: its bucket's resize-and-crop, or the square one."""
-        if self.sizes is None:
-            return self.transform
-        size = self.sizes[index]
-        if size not in self._bucket_transforms:
-            from ldm.data.buckets import bucket_transform  # (buckets builds on this module)
-
-            self._bucket_transforms[size] = bucket_transform(*size, crop=self._crop, random_flip=self._flip)
-        return self._bucket_transforms[size]
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
         record = self.records[index]
         image = load_rgb(self.root / record.path)
         return {
-            "image": self.transform_for(index)(image).as_subclass(torch.Tensor),
+            "image": self.transforms(index, image),
             "text": self.caption(index),
             "index": index,
         }

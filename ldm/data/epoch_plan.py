@@ -27,7 +27,7 @@ from torch.utils.data._utils.collate import default_collate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochPlan", "PlannedBatches", "shuffled_order"]
+__all__ = ["EpochPlan", "PlannedBatches", "item_groups", "shuffled_order"]
 
 # Multiplier that keeps (seed, epoch, group) streams apart.
 _STREAM = 1_000_003
@@ -60,6 +60,18 @@ def shuffled_order(items: Sequence[int], generator: torch.Generator, chunk_sizes
         pool = [i for chunk in chunks[w : w + window] for i in chunk]
         out += [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
     return out
+
+
+def item_groups(dataset: Any) -> list[list[int]]:
+    """Item indices that may share a batch: all of them, or with per-item bucket ``sizes`` (an attribute of the
+    dataset, or of a dataset it wraps) those of each size, sizes in ascending order."""
+    sizes = getattr(dataset, "sizes", None)
+    if sizes is None:
+        return [list(range(len(dataset)))]
+    by_size: dict[Any, list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    return [by_size[size] for size in sorted(by_size)]
 
 
 class EpochPlan:

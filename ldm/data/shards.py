@@ -2,7 +2,9 @@
 
 The output holds ``train/`` and ``val/`` litdata directories (the folder path's deterministic split), each item
 ``{"image": bytes as stored (or re-encoded with --resize), "captions": JSON list, "width", "height", "path",
-"metadata": JSON}``, and ``ldm_shards.json`` with the counts and the skipped files. Unreadable files are left out
+"metadata": JSON}`` and, beside its chunks, ``ldm_sizes.json`` (every item's width and height in item order, so
+aspect-ratio buckets are assigned without reading the images), and ``ldm_shards.json`` with the counts and the
+skipped files. Unreadable files are left out
 and counted exactly as the folder path does (they are found by its scan first).
 """
 
@@ -22,9 +24,10 @@ from ldm.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SHARDS_INFO", "optimize_dataset"]
+__all__ = ["SHARDS_INFO", "SIZES_FILE", "optimize_dataset"]
 
 SHARDS_INFO = "ldm_shards.json"
+SIZES_FILE = "ldm_sizes.json"
 
 
 class _Encoder:
@@ -49,6 +52,15 @@ class _Encoder:
             data, (width, height) = buf.getvalue(), image.size
         return {"image": data, "captions": json.dumps(record.captions), "width": width, "height": height,
                 "path": record.path, "metadata": json.dumps(record.metadata, default=str)}
+
+
+def _write_sizes(split_dir: Path) -> None:
+    """Every item's ``[width, height]`` in the written order (litdata decides the order; read it back)."""
+    from litdata import StreamingDataset
+
+    shards = StreamingDataset(str(split_dir), shuffle=False)
+    sizes = [[int(item["width"]), int(item["height"])] for item in (shards[i] for i in range(len(shards)))]
+    (split_dir / SIZES_FILE).write_text(json.dumps(sizes))
 
 
 def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int | None = None, chunk_bytes: str = "64MB",
@@ -91,6 +103,7 @@ def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int
         optimize(fn=_Encoder(dm.dataset_root, resize), inputs=records, output_dir=str(out / split), chunk_bytes=chunk_bytes,
                  num_workers=max(1, min(workers, len(records))), mode="overwrite", verbose=False,
                  start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        _write_sizes(out / split)
     (out / SHARDS_INFO).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote %d training and %d validation images to %s (%d unreadable skipped)",
              summary["splits"]["train"], summary["splits"]["val"], out, len(dm.skipped))

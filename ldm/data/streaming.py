@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -14,13 +15,19 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.dataset import CROP_CHOICES, build_transform
+from ldm.data.buckets import assign_buckets, data_bucket_sizes
+from ldm.data.epoch_plan import item_groups
+from ldm.data.dataset import CROP_CHOICES, ItemTransforms, build_transform
 from ldm.data.images import to_rgb
 from ldm.data.resumable import ResumableTrainData
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamingImageCaptionDataModule", "StreamingImageCaptionDataset"]
+__all__ = ["MissingShardsError", "StreamingImageCaptionDataModule", "StreamingImageCaptionDataset"]
+
+
+class MissingShardsError(FileNotFoundError):
+    """No litdata shards (``index.json``) where a split should be."""
 
 
 def _join(url: str, part: str) -> str:
@@ -39,17 +46,58 @@ class StreamingImageCaptionDataset(Dataset):
         train: Random caption per access (else the first).
         cache_dir: Local cache for remote chunks (litdata's default when None).
         max_cache_size: Bound of that cache, e.g. ``"50GB"``.
+        buckets: Aspect-ratio bucket sizes ``(height, width)`` to fit each item into (by the sizes ``ldm data
+            optimize`` recorded), instead of a square of ``image_size``.
     """
 
     def __init__(self, url: str, image_size: int = 32, crop: str = "center", random_flip: bool = False, train: bool = True,
-                 cache_dir: str | None = None, max_cache_size: str = "50GB") -> None:
+                 cache_dir: str | None = None, max_cache_size: str = "50GB",
+                 buckets: list[tuple[int, int]] | None = None) -> None:
         from litdata import StreamingDataset
 
-        self.url, self.train = url, train
+        self.url, self.train, self.cache_dir = url, train, cache_dir
         self.image_size = image_size
         self.transform = build_transform(image_size, crop, random_flip)
-        self.shards = StreamingDataset(url, cache_dir=cache_dir, max_cache_size=max_cache_size, shuffle=False)
+        try:
+            self.shards = StreamingDataset(url, cache_dir=cache_dir, max_cache_size=max_cache_size, shuffle=False)
+        except (FileNotFoundError, ValueError, AssertionError) as error:  # what litdata raises for a missing index
+            raise MissingShardsError(url) from error
         self.chunk_sizes = [end - start for start, end in self.shards.region_of_interest]
+        self.sizes: list[tuple[int, int]] | None = None
+        if buckets:
+            self.sizes = [buckets[b] for b in assign_buckets(self._image_sizes(), buckets)]
+        self.transforms = ItemTransforms(self.transform, self.sizes, crop, random_flip)
+
+    def _image_sizes(self) -> list[tuple[int, int]]:
+        """``(width, height)`` of every item, from the ``ldm_sizes.json`` that ``ldm data optimize`` wrote beside the
+        chunks (fetched into the chunk cache for a remote URL)."""
+        from litdata.streaming.resolver import _resolve_dir
+
+        from ldm.data.shards import SIZES_FILE
+
+        where = _resolve_dir(self.url)
+        if where.path is not None and where.url is None:
+            path = Path(where.path) / SIZES_FILE
+        else:
+            from litdata.streaming.downloader import get_downloader
+
+            import hashlib
+            import tempfile
+
+            folder = Path(self.cache_dir or tempfile.gettempdir()) / "ldm-sizes" / hashlib.sha1(self.url.encode()).hexdigest()[:16]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / SIZES_FILE
+            try:
+                get_downloader(where.url, str(path.parent), []).download_file(_join(where.url, SIZES_FILE), str(path))
+            except Exception as error:  # noqa: BLE001 (any storage error: say what is missing)
+                raise FileNotFoundError(f"could not fetch {_join(where.url, SIZES_FILE)}: {error}") from error
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.url} has no {SIZES_FILE}: buckets need the image sizes that 'ldm data optimize' "
+                                    "records; re-run it (or train without --data.buckets)")
+        sizes = [tuple(s) for s in json.loads(path.read_text())]
+        if len(sizes) != len(self):
+            raise ValueError(f"{path} lists {len(sizes)} sizes for {len(self)} items; re-run 'ldm data optimize'")
+        return sizes
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -66,7 +114,7 @@ class StreamingImageCaptionDataset(Dataset):
             text = captions[0]
         else:
             text = captions[int(torch.randint(len(captions), ()).item())]
-        return {"image": self.transform(image).as_subclass(torch.Tensor), "text": text, "index": index}
+        return {"image": self.transforms(index, image), "text": text, "index": index}
 
 
 class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
@@ -89,11 +137,17 @@ class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule)
         seed: Seed of the training order (see ``ImageCaptionDataModule``).
         cache_dir: Local cache directory for remote chunks (litdata's default when None).
         max_cache_size: Bound of the local chunk cache, e.g. "50GB".
+        buckets: Aspect-ratio buckets, as in ``ImageCaptionDataModule`` (assigned from the sizes ``ldm data
+            optimize`` records). Batches then come bucket by bucket, shuffled across all chunks rather than
+            chunk-locally: give remote data a cache that holds it, or train on local shards.
+        bucket_multiple: Bucket sides are multiples of this (the VAE factor x the UNet's downsampling).
+        bucket_max_ratio: Widest (and tallest) bucket aspect ratio.
     """
 
     def __init__(self, root: str, image_size: int = 32, crop: Literal["center", "random"] = "center", random_flip: bool = False,
                  batch_size: int = 64, val_batch_size: int | None = None, num_workers: int = 0, pin_memory: bool = False,
-                 seed: int = 0, cache_dir: str | None = None, max_cache_size: str = "50GB") -> None:
+                 seed: int = 0, cache_dir: str | None = None, max_cache_size: str = "50GB", buckets: bool = False,
+                 bucket_multiple: int = 64, bucket_max_ratio: float = 2.0) -> None:
         super().__init__()
         if crop not in CROP_CHOICES:
             raise ValueError(f"crop must be one of {CROP_CHOICES}, got {crop!r}")
@@ -105,6 +159,7 @@ class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, int(seed)
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
+        self.bucket_sizes = data_bucket_sizes(image_size, bucket_multiple, bucket_max_ratio) if buckets else []
         self.train_dataset: StreamingImageCaptionDataset | None = None
         self.val_dataset: StreamingImageCaptionDataset | None = None
 
@@ -112,16 +167,17 @@ class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule)
         """Open the shards (reading their index only)."""
         if self.train_dataset is not None:
             return
-        common = {"image_size": self.image_size, "cache_dir": self.cache_dir, "max_cache_size": self.max_cache_size}
+        common = {"image_size": self.image_size, "cache_dir": self.cache_dir, "max_cache_size": self.max_cache_size,
+                  "buckets": self.bucket_sizes or None}
         try:
             self.train_dataset = StreamingImageCaptionDataset(_join(self.root, "train"), crop=self.crop, random_flip=self.random_flip,
                                                               train=True, **common)
-        except (FileNotFoundError, ValueError) as error:
-            raise FileNotFoundError(f"{self.root} holds no readable shards under train/ ({error}); write them with "
+        except MissingShardsError as error:
+            raise FileNotFoundError(f"{self.root} holds no readable shards under train/ ({error.__cause__}); write them with "
                                     "'ldm data optimize SRC --out DIR'") from error
         try:
             self.val_dataset = StreamingImageCaptionDataset(_join(self.root, "val"), train=False, **common)
-        except (FileNotFoundError, ValueError):
+        except MissingShardsError:
             self.val_dataset = None  # no validation split
         log.info("%s: %d training and %d validation images in shards", self.root, len(self.train_dataset),
                  len(self.val_dataset) if self.val_dataset is not None else 0)
@@ -131,12 +187,17 @@ class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule)
         if self.train_dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         dataset = self.train_dataset
-        return self.planned_loader(dataset, [range(len(dataset))], self.batch_size, self.num_workers, self.pin_memory,
+        if dataset.sizes is not None:
+            return self.planned_loader(dataset, item_groups(dataset), self.batch_size, self.num_workers, self.pin_memory)
+        return self.planned_loader(dataset, item_groups(dataset), self.batch_size, self.num_workers, self.pin_memory,
                                    chunk_sizes=dataset.chunk_sizes)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order (an empty list without a validation split)."""
         if self.val_dataset is None or len(self.val_dataset) == 0:
             return []
+        if self.val_dataset.sizes is not None:  # one bucket per batch, in order; each rank its share
+            return self.planned_loader(self.val_dataset, item_groups(self.val_dataset), self.val_batch_size, self.num_workers,
+                                       self.pin_memory, validation=True)
         return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=self.pin_memory)

@@ -20,7 +20,7 @@ def test_fit_help_documents_every_model_and_data_argument():
     assert out.returncode == 0, out.stderr[-2000:]
     import inspect
 
-    from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule
+    from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule, StreamingImageCaptionDataModule
 
     from ldm.models import LatentDiffusion
 
@@ -28,7 +28,7 @@ def test_fit_help_documents_every_model_and_data_argument():
         for name in inspect.signature(model_class.__init__).parameters:
             if name != "self":
                 assert f"--model.{name} " in out.stdout, (model_class.__name__, name)
-    for data_class in (ImageCaptionDataModule, PrecomputedLatentsDataModule):
+    for data_class in (ImageCaptionDataModule, StreamingImageCaptionDataModule, PrecomputedLatentsDataModule):
         for name in inspect.signature(data_class.__init__).parameters:
             if name != "self":
                 assert f"--data.{name} " in out.stdout, (data_class.__name__, name)

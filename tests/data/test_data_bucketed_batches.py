@@ -68,3 +68,25 @@ def test_bucket_size_must_fit_the_multiple(mixed):
         ImageCaptionDataModule(root=str(mixed), image_size=40, buckets=True, bucket_multiple=16)
     with pytest.raises(ValueError, match="bucket_multiple"):
         ImageCaptionDataModule(root=str(mixed), image_size=64, buckets=True, bucket_multiple=0)
+
+
+def test_buckets_from_streaming_shards_match_the_folder(mixed, tmp_path):
+    from ldm.data.shards import SIZES_FILE, optimize_dataset
+    from ldm.data.streaming import StreamingImageCaptionDataModule
+
+    optimize_dataset(str(mixed), tmp_path / "shards", chunk_bytes="8KB", val_fraction=0.25)
+    assert (tmp_path / "shards" / "train" / SIZES_FILE).is_file()
+    streamed = StreamingImageCaptionDataModule(root=str(tmp_path / "shards"), image_size=64, buckets=True, bucket_multiple=16,
+                                               batch_size=3, seed=4)
+    streamed.setup("fit")
+    folder = _module(mixed)
+    bucket_of = {r.path: s for r, s in zip(folder.train_dataset.records, folder.train_dataset.sizes)}
+    dataset = streamed.train_dataset
+    assert [bucket_of[dataset.shards[i]["path"]] for i in range(len(dataset))] == dataset.sizes  # same bucket per image
+    for batch in streamed.train_dataloader():
+        assert tuple(batch["image"].shape[-2:]) in folder.bucket_sizes
+        assert {dataset.sizes[i] for i in batch["index"].tolist()} == {tuple(batch["image"].shape[-2:])}
+    assert {tuple(b["image"].shape[-2:]) for b in streamed.val_dataloader()} <= set(folder.bucket_sizes)
+    (tmp_path / "shards" / "train" / SIZES_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="ldm data optimize"):
+        StreamingImageCaptionDataModule(root=str(tmp_path / "shards"), image_size=64, buckets=True, bucket_multiple=16).setup("fit")

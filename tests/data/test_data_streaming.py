@@ -66,3 +66,31 @@ def test_cli_optimize_and_missing_shards(folder, tmp_path, capsys):
     assert (tmp_path / "out" / "train" / "index.json").is_file()
     with pytest.raises(FileNotFoundError, match="ldm data optimize"):
         StreamingImageCaptionDataModule(root=str(tmp_path / "nothing")).setup("fit")
+
+
+def test_ldm_fit_trains_from_shards(tmp_path, monkeypatch):
+    import yaml
+    from conftest import make_ldm_assets, tiny_ldm_kwargs
+
+    assets = make_ldm_assets(tmp_path / "assets")
+    main(["data", "optimize", str(assets["data"]), "--out", str(tmp_path / "shards"), "--chunk-bytes", "16KB"])
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "limit_val_batches": 1, "logger": False,
+                    "enable_progress_bar": False, "num_sanity_val_steps": 0,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+                                  {"class_path": "ldm.models.SavePretrained", "init_args": {"dirpath": str(tmp_path / "export")}}]},
+        "model": {"class_path": "ldm.models.LatentDiffusion", "init_args": tiny_ldm_kwargs(assets, val_steps=2)},
+        "data": {"class_path": "ldm.data.StreamingImageCaptionDataModule",
+                 "init_args": {"root": str(tmp_path / "shards"), "batch_size": 4}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config, default=str))))
+    main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    assert (tmp_path / "export" / "model_index.json").is_file()
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3 and state["StreamingImageCaptionDataModule"]["consumed_batches"] == 3
+    # and it resumes from there
+    main(["fit", "--config", str(tmp_path / "fit.yaml"), "--trainer.max_steps", "5", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
