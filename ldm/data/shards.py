@@ -85,6 +85,9 @@ def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int
 
     from ldm.data.datamodule import ImageCaptionDataModule
 
+    if "://" in str(out):
+        raise ValueError(f"--out {out}: optimize writes to a local (or shared) directory; copy it to object storage "
+                         "afterwards (e.g. aws s3 sync DIR s3://bucket/prefix) and point --data.root at the URL")
     if resize is not None and resize < 1:
         raise ValueError(f"resize must be a positive number of pixels, got {resize}")
     dm = ImageCaptionDataModule(root=source, data_dir=data_dir, val_fraction=val_fraction, **datamodule_options)
