@@ -143,6 +143,9 @@ def _add_encode_parser(sub) -> None:
     enc.add_argument("--data-dir", default="data", help="where built-in datasets live")
     enc.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
     enc.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
+    enc.add_argument("--buckets", action="store_true", help="aspect-ratio buckets: each image's latents at its bucket size")
+    enc.add_argument("--bucket-multiple", type=int, default=64, help="bucket sides are multiples of this (as --data.bucket_multiple)")
+    enc.add_argument("--bucket-max-ratio", type=float, default=2.0, help="widest bucket aspect ratio (as --data.bucket_max_ratio)")
 
 
 def _encode_main(ns: argparse.Namespace) -> None:
@@ -151,7 +154,8 @@ def _encode_main(ns: argparse.Namespace) -> None:
     summary = encode_dataset(ns.src, ns.vae, ns.out, text_encoder=ns.text_encoder, text_encoder_layer=ns.text_encoder_layer,
                              image_size=ns.image_size, batch_size=ns.batch_size, device=ns.device, dtype=ns.dtype,
                              chunk_bytes=ns.chunk_bytes, part_size=ns.part_size, data_dir=ns.data_dir,
-                             val_fraction=ns.val_fraction, num_workers=ns.num_workers)
+                             val_fraction=ns.val_fraction, num_workers=ns.num_workers, buckets=ns.buckets,
+                             bucket_multiple=ns.bucket_multiple, bucket_max_ratio=ns.bucket_max_ratio)
     counts = summary.info["counts"]
     done = "already complete; nothing encoded" if summary.already_complete else "parts written: " + ", ".join(
         f"{name} {len(parts)}" for name, parts in summary.parts_written.items())

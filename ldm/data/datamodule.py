@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from ldm.data.builtin import BUILTIN_DATASETS, is_prepared, prepare_builtin
 from ldm.data.buckets import assign_buckets, data_bucket_sizes
 from ldm.data.epoch_plan import item_groups
 from ldm.data.dataset import CROP_CHOICES, ImageCaptionDataset
+from ldm.data.latent_cache import LatentCacheData
 from ldm.data.manifest import ScanManifest
 from ldm.data.records import ImageRecord
 from ldm.data.resumable import ResumableTrainData
@@ -31,13 +33,16 @@ __all__ = ["ImageCaptionDataModule"]
 log = logging.getLogger(__name__)
 
 
-class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
+class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDataModule):
     """Images with captions from a folder (or a built-in dataset), as batches for training.
 
     Batches are dicts: ``image`` FloatTensor[B, 3, S, S] in [-1, 1], ``text`` list of B
     captions, ``index`` LongTensor[B]. Every rank discovers, scans and splits the data the same
     deterministic way; under DDP each rank takes its share of one seeded global batch order (no sampler
     needed), and a run resumed mid-epoch sees exactly the batches the uninterrupted run would have.
+    After :meth:`enable_latent_cache` (which ``LatentDiffusion`` calls when given a ``cache_dir``) training
+    batches carry cached VAE ``moments`` (and ``context``) instead of ``image``, for the same items in the
+    same order (:mod:`ldm.data.latent_cache`).
 
     Args:
         root: Dataset folder (with metadata.jsonl, metadata.csv, or .txt/.caption files beside
@@ -240,6 +245,12 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         image_sizes = [self.image_sizes.get(r.path) or _header_size(self.dataset_root / r.path) for r in records]
         return [self.bucket_sizes[b] for b in assign_buckets(image_sizes, self.bucket_sizes)]
 
+    @property
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Training images per aspect-ratio bucket ``(height, width)``, sizes ascending; empty without buckets."""
+        counts = Counter(getattr(self.train_dataset, "sizes", None) or [])
+        return {size: counts[size] for size in sorted(counts)}
+
     def _discover(self) -> list[ImageRecord]:
         return discover_records(
             self.dataset_root, self.csv_file, self.image_column, self.caption_column
@@ -252,6 +263,8 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         """Shuffled training batches in the seeded, resumable order of :mod:`ldm.data.epoch_plan` (each rank its
         share); the last partial batch is dropped when there is more than one batch."""
         dataset = self._require(self.train_dataset)
+        if self.cached_train_dataset is not None:  # the same items, as cached moments (see enable_latent_cache)
+            dataset = self.cached_train_dataset
         return self.planned_loader(dataset, item_groups(dataset), self.batch_size, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:

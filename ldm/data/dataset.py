@@ -126,11 +126,13 @@ class ImageCaptionDataset(Dataset):
             return captions[0]
         return captions[int(torch.randint(len(captions), ()).item())]
 
+    def image(self, index: int) -> torch.Tensor:
+        """The transformed image of record ``index`` (``FloatTensor[3, H, W]`` in [-1, 1]), drawing no caption.
+
+        Args:
+            index: Record index.
+        """
+        return self.transforms(index, load_rgb(self.root / self.records[index].path))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
-        record = self.records[index]
-        image = load_rgb(self.root / record.path)
-        return {
-            "image": self.transforms(index, image),
-            "text": self.caption(index),
-            "index": index,
-        }
+        return {"image": self.image(index), "text": self.caption(index), "index": index}

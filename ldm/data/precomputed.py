@@ -7,7 +7,8 @@ Layout of an encode output ``DIR`` (a local folder or a URL litdata reads, ``s3:
 * ``DIR/train/``, ``DIR/val/``: litdata chunk directories, one item per image in the source DataModule's split
   order: ``index`` (int), ``path`` (str), ``captions`` (JSON list of str), ``moments`` (tensor ``[2C, h, w]``: the
   VAE posterior's mean and log-variance, unscaled) and, with text embeddings, ``caption_ids`` (JSON list of int:
-  rows of ``text/``).
+  rows of ``text/``). With aspect-ratio buckets (``ldm_latents.json``'s ``buckets``: ``{"sizes": [[h, w], ...],
+  "train": [bucket of each item], "val": [...]}``) each item's moments have its bucket's latent shape.
 * ``DIR/text/`` (only with a text encoder): one item per distinct caption, ``caption`` (str) and ``context``
   (tensor ``[L, D]``); row :data:`EMPTY_PROMPT_ID` is the empty prompt (for caption dropout).
 """
@@ -77,6 +78,7 @@ def read_info(root: str | os.PathLike[str]) -> dict[str, Any]:
 class PrecomputedLatentsDataset(Dataset):
     """One split of an ``ldm data encode`` output, as ``{"moments": FloatTensor[2C, h, w], "text": str, "index": int}``
     items, plus ``"context": FloatTensor[L, D]`` (the chosen caption's embedding) when text embeddings were written.
+    ``sizes``: each item's aspect-ratio bucket ``(height, width)`` when encoded with buckets, else None.
 
     Like :class:`~ldm.data.dataset.ImageCaptionDataset`, training mode draws one of the image's captions uniformly
     with ``torch.randint`` at each access; eval mode takes the first; an image without captions gives ``""``.
@@ -101,6 +103,7 @@ class PrecomputedLatentsDataset(Dataset):
         self._count = int(self.info["counts"][split])
         self.has_context = bool(text_embeddings and self.info.get("text_encoder_fingerprint"))
         self._options = {"cache_dir": cache_dir, "max_cache_size": max_cache_size}
+        self.sizes = self._bucket_sizes()
         self._items = self._open(split) if self._count else None
         self._texts = self._open(TEXT_DIR) if self.has_context else None
 
@@ -119,6 +122,18 @@ class PrecomputedLatentsDataset(Dataset):
             raise ValueError(f"{url} holds {stored} items but {INFO_FILE} says {expected}; re-run 'ldm data encode' "
                              "into a new --out")
         return ds
+
+    def _bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """Each item's bucket ``(height, width)`` in pixels, from ``ldm_latents.json``; None: all squares."""
+        buckets = self.info.get("buckets")
+        if not buckets:
+            return None
+        table = [tuple(size) for size in buckets["sizes"]]
+        sizes = [table[b] for b in buckets[self.split]]
+        if len(sizes) != self._count:
+            raise ValueError(f"{join_url(self.root, INFO_FILE)} lists {len(sizes)} buckets for {self._count} {self.split} "
+                             "items; re-run 'ldm data encode' into a new --out")
+        return sizes
 
     @property
     def chunk_sizes(self) -> list[int]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.epoch_plan import item_groups
 from ldm.data.precomputed import EMPTY_PROMPT_ID, PrecomputedLatentsDataset, read_info
 from ldm.data.resumable import ResumableTrainData
 
@@ -24,7 +26,9 @@ class PrecomputedLatentsDataModule(ResumableTrainData, L.LightningDataModule):
     from it), ``text`` list of B captions, ``index`` LongTensor[B], and ``context`` FloatTensor[B, L, D] when the
     encode wrote text embeddings. No image is decoded or encoded while training. ``LatentDiffusion`` refuses to
     train when its VAE encoder (or frozen text encoder) is not the one recorded here (``encoder_fingerprint``).
-    The training order is the folder DataModule's: seeded, each rank its share, resumable mid-epoch.
+    The training order is the folder DataModule's: seeded, each rank its share, resumable mid-epoch. Latents
+    encoded with aspect-ratio buckets (``ldm data encode --buckets``) come one bucket per batch, as with
+    ``--data.buckets true`` (shuffled across all chunks: ``local_shuffle`` needs a single group of items).
 
     Args:
         root: The encode output: a local folder or a URL litdata reads (``s3://bucket/latents``).
@@ -88,6 +92,13 @@ class PrecomputedLatentsDataModule(ResumableTrainData, L.LightningDataModule):
         return int(self.info["image_size"])
 
     @property
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Training items per aspect-ratio bucket ``(height, width)``, sizes ascending; empty without buckets."""
+        self.setup()
+        counts = Counter(self.train_dataset.sizes or [])
+        return {size: counts[size] for size in sorted(counts)}
+
+    @property
     def empty_context(self) -> torch.Tensor | None:
         """The stored embedding of the empty prompt (for caption dropout), float32; None when none are served."""
         if self.text_encoder_fingerprint is None:
@@ -119,8 +130,8 @@ class PrecomputedLatentsDataModule(ResumableTrainData, L.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         dataset = self.train_dataset
-        chunks = dataset.chunk_sizes if self.local_shuffle else None
-        return self.planned_loader(dataset, [range(len(dataset))], self.batch_size, self.num_workers, self.pin_memory,
+        chunks = dataset.chunk_sizes if self.local_shuffle and dataset.sizes is None else None
+        return self.planned_loader(dataset, item_groups(dataset), self.batch_size, self.num_workers, self.pin_memory,
                                    chunk_sizes=chunks)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -129,5 +140,8 @@ class PrecomputedLatentsDataModule(ResumableTrainData, L.LightningDataModule):
             raise RuntimeError("call setup() before asking for a dataloader")
         if len(self.val_dataset) == 0:
             return []
+        if self.val_dataset.sizes is not None:  # one bucket per batch, in order; each rank its share
+            return self.planned_loader(self.val_dataset, item_groups(self.val_dataset), self.val_batch_size,
+                                       self.num_workers, self.pin_memory, validation=True)
         return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=self.pin_memory)

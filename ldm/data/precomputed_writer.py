@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 from litdata.streaming.writer import BinaryWriter
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.precomputed import INFO_FILE
 
-__all__ = ["PrecomputedWriter", "caption_items", "image_items"]
+__all__ = ["PrecomputedWriter", "caption_items", "image_items", "size_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -144,32 +144,64 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def size_batches(indices: Sequence[int], sizes: Sequence[tuple[int, int]] | None, batch_size: int,
+                 window: int | None = None) -> list[list[int]]:
+    """``indices`` cut into batches whose items share a size, in about index order.
+
+    Without ``sizes``: consecutive runs of ``batch_size``. With per-item ``sizes`` (aspect-ratio buckets) a size's
+    batch is cut when full, or as soon as its first item lies ``window`` (default ``4 * batch_size``) indices behind
+    the current one, so that a reader restoring index order never holds much more than ``window`` items.
+    """
+    indices = list(indices)
+    if sizes is None:
+        return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    window = window or 4 * batch_size
+    batches: list[list[int]] = []
+    pending: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        waiting = pending.setdefault(tuple(sizes[i]), [])
+        waiting.append(i)
+        if len(waiting) == batch_size:
+            batches.append(pending.pop(tuple(sizes[i])))
+        for size in [size for size, items in pending.items() if i - items[0] >= window]:
+            batches.append(pending.pop(size))
+    return batches + sorted(pending.values())
+
+
 def image_items(dataset: Dataset, records: Sequence[Any], start: int, stop: int,
                 encode: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, batch_size: int,
-                num_workers: int = 0, caption_ids: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
-    """Items ``start..stop-1`` of an image dataset (``{"image", "index"}`` items) with ``encode``'s moments.
+                num_workers: int = 0, caption_ids: dict[str, int] | None = None,
+                sizes: Sequence[tuple[int, int]] | None = None) -> Iterator[dict[str, Any]]:
+    """Items ``start..stop-1`` of an image dataset (``{"image", "index"}`` items) with ``encode``'s moments, in order.
 
     Args:
-        dataset: Yields the images exactly as training sees them (centre crop, no flip).
+        dataset: Yields the images exactly as training sees them (centre crop or bucket crop, no flip).
         records: The dataset's records (``path``, ``captions``), by index.
         start: First item.
         stop: One past the last item.
-        encode: Images (B, 3, S, S) in [-1, 1] -> moments (B, 2C, h, w).
+        encode: Images (B, 3, H, W) in [-1, 1] -> moments (B, 2C, h, w).
         dtype: Storage dtype of the moments.
         batch_size: Images per ``encode`` call.
         num_workers: DataLoader processes decoding images.
         caption_ids: Row of each caption in the caption table, when text embeddings are written.
+        sizes: Per dataset item, its aspect-ratio bucket ``(height, width)``: images of one bucket are encoded
+            together (:func:`size_batches`) and each item keeps its own latent shape. None: all one size.
     """
-    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_sampler=size_batches(range(start, stop), sizes, batch_size), num_workers=num_workers)
+    done: dict[int, torch.Tensor] = {}
+    next_index = start
     for batch in loader:
         moments = encode(batch["image"]).to("cpu", dtype)
         for k, index in enumerate(batch["index"].tolist()):
-            record = records[index]
-            item: dict[str, Any] = {"index": index, "path": record.path, "captions": json.dumps(list(record.captions))}
+            done[index] = moments[k].clone()
+        while next_index in done:
+            record = records[next_index]
+            item: dict[str, Any] = {"index": next_index, "path": record.path, "captions": json.dumps(list(record.captions))}
             if caption_ids is not None:
                 item["caption_ids"] = json.dumps([caption_ids[c] for c in record.captions])
-            item["moments"] = moments[k].clone()
+            item["moments"] = done.pop(next_index)
             yield item
+            next_index += 1
 
 
 def caption_items(captions: Sequence[str], start: int, stop: int, encode: Callable[[list[str]], torch.Tensor],

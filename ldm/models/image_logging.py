@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -29,3 +30,16 @@ def log_image_grid(module: pl.LightningModule, name: str, images: torch.Tensor, 
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(name, grid, trainer.global_step)
     return path
+
+
+def pad_to_common_size(images: Sequence[torch.Tensor], value: float = -1.0) -> torch.Tensor:
+    """One batch from batches ``(B_i, C, H_i, W_i)`` of different sizes: each image centred on a canvas of the largest
+    height and width, filled with ``value`` (black for images in [-1, 1])."""
+    height, width = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
+    out = []
+    for x in images:
+        top, left = (height - x.shape[-2]) // 2, (width - x.shape[-1]) // 2
+        canvas = x.new_full((*x.shape[:-2], height, width), value)
+        canvas[..., top : top + x.shape[-2], left : left + x.shape[-1]] = x
+        out.append(canvas)
+    return torch.cat(out)

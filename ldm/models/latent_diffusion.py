@@ -13,12 +13,13 @@ from lightning.pytorch.callbacks import WeightAveraging
 import torch
 import torch.nn.functional as F
 
+from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.diffusion import NoiseSchedule, SamplerConfig, loss_weights, normalize_prediction_type, offset_noise, training_target
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.components import load_components
-from ldm.models.image_logging import log_image_grid
+from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.frozen_weights import cast_frozen, check_only_frozen_missing, frozen_state_keys
-from ldm.models.latent_cache import cache_latents, cache_text_embeddings, text_encoder_fingerprint, vae_encoder_fingerprint
+from ldm.models.latent_data import check_precomputed, enable_latent_cache
 from ldm.models.pretrained import write_pipeline_folder
 from ldm.models.sampling import sample_latents
 from ldm.nn.distributions import DiagonalGaussianDistribution
@@ -78,12 +79,15 @@ class LatentDiffusion(pl.LightningModule):
         warmup_steps: Linear learning-rate warm-up steps.
         scale_lr: Multiply ``learning_rate`` by global batch size / ``base_batch_size``.
         base_batch_size: Reference batch size for ``scale_lr``.
-        cache_dir: Where to cache VAE latents (and frozen text embeddings); None encodes every step.
+        cache_dir: Where to cache VAE latents (and frozen text embeddings): handed with the frozen encoders to the
+            DataModule's ``enable_latent_cache`` (``ImageCaptionDataModule``: centre crops without flips; one shard
+            set per aspect-ratio bucket); None encodes every step.
         val_prompts: Prompts sampled at each validation (image grid in the logs).
         val_steps: Sampler steps for validation samples.
         val_guidance: Guidance scale for validation samples.
         val_sampler: Sampler for validation samples (``dpmpp_2m`` or ``ddim``).
-        val_images_per_prompt: Samples per validation prompt.
+        val_images_per_prompt: Samples per validation prompt (at the DataModule's square ``image_size``; with
+            aspect-ratio buckets, a second grid ``samples_buckets`` shows the first prompt once per training bucket).
         lora_rank: LoRA rank; 0 trains all UNet weights (full fine-tune), > 0 freezes them and trains peft
             LoRA adapters on ``lora_targets`` only (fp32 even under mixed precision).
         lora_alpha: LoRA alpha (update scale ``alpha / rank``); ``None`` means ``lora_rank``.
@@ -183,7 +187,6 @@ class LatentDiffusion(pl.LightningModule):
             cast_frozen([self.autoencoder, self.text_encoder, self.unet], {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype])
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
-        self._text_cache: dict[str, torch.Tensor] | None = None
         self._empty_context: torch.Tensor | None = None
 
     def _build_new(self, autoencoder, unet, text_encoder, tokenizer, text_encoder_config, text_encoder_layer, prediction_type,
@@ -233,14 +236,13 @@ class LatentDiffusion(pl.LightningModule):
 
     # ----------------------------------------------------------------- conditioning
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> context (B, 77, D); uses the text-embedding cache when there is one."""
-        if self._text_cache is not None and all(p in self._text_cache for p in prompts):
-            return torch.stack([self._text_cache[p] for p in prompts]).to(self.device, self.dtype)
+        """Prompts -> context (B, 77, D), by the text encoder."""
         return self.text_encoder.encode(prompts).float()
 
     def context_from_batch(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
-        """Context of a batch's captions after caption dropout: the batch's precomputed ``context`` (dropped captions
-        get the empty prompt's) when it has one and the text encoder is frozen, else :meth:`encode_text`."""
+        """Context of a batch's captions after caption dropout: the batch's ``context`` (precomputed or cached by the
+        DataModule; dropped captions get the empty prompt's, stored with it) when it has one and the text encoder is
+        frozen, else :meth:`encode_text`."""
         prompts = drop_captions(list(batch["text"]), dropout, generator)
         if "context" not in batch or self.text_encoder.trainable:
             return self.encode_text(prompts)
@@ -319,22 +321,31 @@ class LatentDiffusion(pl.LightningModule):
         images = self.generate(prompts, self.hparams.val_steps, self.hparams.val_guidance, self.hparams.val_sampler, self.hparams.seed)
         nrow = math.ceil(len(prompts) / self.hparams.val_images_per_prompt)
         log_image_grid(self, "samples", images, nrow=nrow if self.hparams.val_images_per_prompt > 1 else len(prompts))
+        buckets = self._bucket_latent_sizes()
+        if buckets:  # aspect-ratio buckets: the first prompt once at each training bucket's size, in one row
+            samples = [self.generate(prompts[:1], self.hparams.val_steps, self.hparams.val_guidance, self.hparams.val_sampler,
+                                     self.hparams.seed, latent_size=size) for size in buckets]
+            log_image_grid(self, "samples_buckets", pad_to_common_size(samples), nrow=len(samples))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], steps: int = 20, guidance: float = 5.0, sampler: str = "dpmpp_2m", seed: int = 0,
-                 latent_size: int | None = None) -> torch.Tensor:
-        """Sample one image per prompt; returns images in [-1, 1], (B, 3, H, W)."""
+                 latent_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """Sample one image per prompt; returns images in [-1, 1], (B, 3, H, W).
+
+        ``latent_size``: latent side, or ``(height, width)``; None: the training image size's (a square).
+        """
         was_training = self.training
         self.eval()
         context = self.text_encoder.encode(prompts)
         uncond = self.text_encoder.encode([""] * len(prompts))
         size = latent_size or self._latent_size()
+        height, width = (size, size) if isinstance(size, int) else size
         g = torch.Generator(device=self.device).manual_seed(seed)
         # Half-precision frozen weights need autocast (Lightning's covers only the steps, not this hook).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.hparams.frozen_dtype)
         with torch.autocast(self.device.type, dtype=half or torch.bfloat16, enabled=half is not None):
             latents = sample_latents(self.unet, context.float(), uncond.float(), self.schedule, self.prediction_type,
-                                     (self.autoencoder.latent_channels, size, size), steps, guidance, sampler, generator=g,
+                                     (self.autoencoder.latent_channels, height, width), steps, guidance, sampler, generator=g,
                                      config=self.sampler_config)
         images = self.vae_decode(latents)
         self.train(was_training)
@@ -344,6 +355,15 @@ class LatentDiffusion(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         image_size = getattr(dm, "image_size", 32)
         return image_size // self.autoencoder.downsampling_factor
+
+    def _bucket_latent_sizes(self) -> list[tuple[int, int]]:
+        """Latent ``(height, width)`` of each aspect-ratio bucket the training images use (the DataModule's
+        ``bucket_counts``); empty without buckets or when every image is in the square one."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        counts = getattr(dm, "bucket_counts", None) or {}
+        square = (getattr(dm, "image_size", None),) * 2
+        f = self.autoencoder.downsampling_factor
+        return [(h // f, w // f) for h, w in counts] if set(counts) - {square} else []
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -393,26 +413,19 @@ class LatentDiffusion(pl.LightningModule):
         check_only_frozen_missing(self, state, source)
         self.load_state_dict(state, strict=False)
 
-    # ----------------------------------------------------------------- cache
+    # ----------------------------------------------------------------- data holding latents
     def setup(self, stage: str) -> None:
+        """Check precomputed latents' encoders, or with ``cache_dir`` hand the frozen encoders to the DataModule's
+        latent cache (:func:`ldm.models.latent_data.enable_latent_cache`) when fitting."""
         dm = self.trainer.datamodule if self._trainer is not None else None
         if getattr(dm, "encoder_fingerprint", None) is not None:
-            self._check_precomputed(dm)
+            empty = check_precomputed(self, dm)
+        elif stage == "fit" and self.hparams.cache_dir is not None and dm is not None:
+            empty = enable_latent_cache(self, dm)
+        else:
             return
-        if stage != "fit" or self.hparams.cache_dir is None or self._trainer is None:
-            return
-        if dm is None or getattr(dm, "train_dataset", None) is None:
-            return
-        if getattr(dm, "crop", "center") != "center" or getattr(dm, "random_flip", False):
-            log.warning("latent cache disabled: random crops/flips change the image every epoch")
-            return
-        strategy = self.trainer.strategy
-        self.autoencoder.to(strategy.root_device)
-        dm.train_dataset = cache_latents(Path(self.hparams.cache_dir), dm.train_dataset, dm.image_size, self.autoencoder,
-                                         self.vae_encode, strategy)
-        if not self.text_encoder.trainable:
-            self._text_cache = cache_text_embeddings(Path(self.hparams.cache_dir), dm.train_dataset.dataset, self.text_encoder,
-                                                     strategy)
+        if empty is not None:
+            self._empty_context = empty
 
     def frozen_fingerprints(self, text: bool = True) -> dict[str, str]:
         """Fingerprints of the VAE encoder (``vae``) and, when frozen and ``text``, the text encoder (``text``), as
@@ -422,42 +435,6 @@ class LatentDiffusion(pl.LightningModule):
         if text and not self.text_encoder.trainable and "text" not in self._fingerprints:
             self._fingerprints["text"] = text_encoder_fingerprint(self.text_encoder)
         return self._fingerprints
-
-    def _check_precomputed(self, dm) -> None:
-        """Refuse precomputed latents (and text embeddings) that another VAE (text encoder) wrote."""
-        root = getattr(dm, "root", "the datamodule")
-        source = self.hparams.autoencoder or self.hparams.init_from
-        theirs, text_theirs = dm.encoder_fingerprint, getattr(dm, "text_encoder_fingerprint", None)
-        use_text = text_theirs is not None and not self.text_encoder.trainable
-        mine = self.frozen_fingerprints(text=use_text)
-        if theirs != mine["vae"]:
-            raise ValueError(
-                f"the precomputed latents in {root} were encoded by a VAE encoder with fingerprint {theirs}, but this "
-                f"model's VAE ({source}) has fingerprint {mine['vae']}: its latent space differs. Re-encode with this "
-                f"model's VAE: 'ldm data encode SRC --vae {source} --out NEW_DIR', and train from NEW_DIR."
-            )
-        if text_theirs is not None and not use_text:
-            log.warning("the text encoder is trained, so the precomputed text embeddings in %s are not used (set "
-                        "--data.init_args.text_embeddings false to stop reading them)", root)
-        elif use_text:
-            if text_theirs != mine["text"]:
-                text_source = self.hparams.text_encoder or self.hparams.init_from or self.hparams.tokenizer
-                raise ValueError(
-                    f"the precomputed text embeddings in {root} were written by a text encoder with fingerprint "
-                    f"{text_theirs}, but this model's frozen text encoder ({text_source}, layer {self.text_encoder.layer}) "
-                    f"has fingerprint {mine['text']}. Re-encode with this model's text encoder ('ldm data encode SRC "
-                    f"--vae {source} --text-encoder TEXT_ENCODER --out NEW_DIR'), or set --data.init_args.text_embeddings "
-                    "false to encode captions while training."
-                )
-            empty = getattr(dm, "empty_context", None)
-            if empty is not None:
-                self._empty_context = empty
-        if self.hparams.cache_dir is not None:
-            log.info("the latents are precomputed in %s; cache_dir is not used", root)
-        info = getattr(dm, "info", {})
-        if "scaling_factor" in info and abs(float(info["scaling_factor"]) - float(self.scaling_factor)) > 1e-6:
-            log.info("the latents in %s were written with scaling factor %s; this model scales by its own, %s", root,
-                     info["scaling_factor"], float(self.scaling_factor))
 
     # ----------------------------------------------------------------- export
     @property

@@ -1,6 +1,7 @@
 """``ldm data encode``: encode a dataset once, offline, with a frozen VAE (and text encoder) into precomputed latents.
 
-The images are those training sees (the folder DataModule's records and split, centre crop, no flip); the output
+The images are those training sees (the folder DataModule's records and split, centre crop or with ``buckets`` each
+image's aspect-ratio bucket, no flip); the output
 layout is described in :mod:`ldm.data.precomputed`, the resumable writing in :mod:`ldm.data.precomputed_writer`.
 Train from it with ``--data ldm.data.PrecomputedLatentsDataModule --data.root DIR``.
 """
@@ -17,11 +18,11 @@ import torch
 
 from ldm.data import ImageCaptionDataModule
 from ldm.data.dataset import ImageCaptionDataset
+from ldm.data.fingerprints import file_signature, fingerprint, text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.data.precomputed import EMPTY_PROMPT_ID, FORMAT, SPLITS, TEXT_DIR
 from ldm.data.precomputed_writer import PrecomputedWriter, caption_items, image_items
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.components import ModelComponents, load_components
-from ldm.models.latent_cache import file_signature, fingerprint, text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 
@@ -95,7 +96,8 @@ def _records_fingerprint(root: Path, splits: dict[str, list]) -> str:
 def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str | None = None,
                    text_encoder_layer: str | None = None, image_size: int | None = None, batch_size: int = 32,
                    device: str | None = None, dtype: str = "float32", chunk_bytes: str = "64MB", part_size: int = 4096,
-                   data_dir: str = "data", val_fraction: float = 0.1, num_workers: int = 0) -> EncodeSummary:
+                   data_dir: str = "data", val_fraction: float = 0.1, num_workers: int = 0, buckets: bool = False,
+                   bucket_multiple: int = 64, bucket_max_ratio: float = 2.0) -> EncodeSummary:
     """Encode every training and validation image of ``src`` (and every distinct caption) into ``out``.
 
     Rerunning with the same arguments after an interruption encodes only the parts not yet complete; rerunning
@@ -117,6 +119,11 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
         data_dir: Where built-in datasets live.
         val_fraction: Validation share, as ``--data.val_fraction`` (train with the same value).
         num_workers: DataLoader processes decoding images.
+        buckets: Encode each image at its aspect-ratio bucket (as ``--data.buckets true`` trains it) instead of the
+            centre square: items then differ in latent shape, and ``ldm_latents.json`` records each item's bucket
+            (``buckets``), by which ``PrecomputedLatentsDataModule`` batches them.
+        bucket_multiple: Bucket sides are multiples of this (as ``--data.bucket_multiple``).
+        bucket_max_ratio: Widest (and tallest) bucket aspect ratio (as ``--data.bucket_max_ratio``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -127,11 +134,13 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
     if not image_size:
         raise ValueError(f"{vae} does not record its training image size; pass --image-size")
     dm = ImageCaptionDataModule(root=src, data_dir=data_dir, image_size=image_size, crop="center", random_flip=False,
-                                val_fraction=val_fraction)
+                                val_fraction=val_fraction, buckets=buckets, bucket_multiple=bucket_multiple,
+                                bucket_max_ratio=bucket_max_ratio)
     dm.prepare_data()
     dm.setup("fit")
     root = Path(dm.train_dataset.root)
     splits = {"train": list(dm.train_dataset.records), "val": list(dm.val_dataset.records)}
+    split_sizes = {"train": dm.train_dataset.sizes, "val": dm.val_dataset.sizes}
     captions = [""] + sorted({c for records in splits.values() for r in records for c in r.captions} - {""})
     caption_ids = {c: i for i, c in enumerate(captions)} if text is not None else None
 
@@ -146,6 +155,8 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
         "part_size": part_size,
         "chunk_bytes": chunk_bytes,
     }
+    if buckets:  # (only then, so that outputs written before buckets existed keep their plan)
+        plan["buckets"] = [list(size) for size in dm.bucket_sizes]
     writer = PrecomputedWriter(out, plan, part_size=part_size, chunk_bytes=chunk_bytes)
     if writer.complete:
         log.info("%s already holds these latents; nothing to encode", out)
@@ -162,9 +173,11 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
 
     for name in SPLITS:
         records = splits[name]
-        dataset = ImageCaptionDataset(root, records, image_size=image_size, crop="center", random_flip=False, train=False)
+        sizes = split_sizes[name]
+        dataset = ImageCaptionDataset(root, records, image_size=image_size, crop="center", random_flip=False, train=False,
+                                      sizes=sizes)
         writer.write(name, len(records), lambda start, stop: image_items(dataset, records, start, stop, encode_images, storage,
-                                                                          batch_size, num_workers, caption_ids))
+                                                                          batch_size, num_workers, caption_ids, sizes))
     latent_size = image_size // module.downsampling_factor
     info: dict[str, Any] = {
         "format": FORMAT,
@@ -181,7 +194,11 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
         "counts": {"train": len(splits["train"]), "val": len(splits["val"]), "captions": len(captions) if text is not None else 0},
         "text_encoder": None,
         "text_encoder_fingerprint": None,
+        "buckets": None,
     }
+    if buckets:  # latent_shape/moments_shape above are the square bucket's; each item has its own bucket's
+        index = {size: b for b, size in enumerate(dm.bucket_sizes)}
+        info["buckets"] = {"sizes": plan["buckets"], **{name: [index[s] for s in split_sizes[name]] for name in SPLITS}}
     if text is not None:
         text.to(device)
 

@@ -15,8 +15,8 @@ import yaml
 from conftest import TINY_VAE, tiny_ldm_kwargs
 from ldm.cli import main
 from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule, PrecomputedLatentsDataset
+from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.models import AutoencoderKL, LatentDiffusion
-from ldm.models.latent_cache import text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.models.precompute import encode_dataset
 from ldm.nn.autoencoder import KLAutoencoder
 
@@ -213,7 +213,7 @@ def test_encode_help_and_fit_from_the_cli(tmp_path, frozen_model_assets, capsys,
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     for option in ("--vae", "--out", "--text-encoder", "--image-size", "--batch-size", "--device", "--dtype", "--chunk-bytes",
-                   "--part-size"):
+                   "--part-size", "--buckets", "--bucket-multiple", "--bucket-max-ratio"):
         assert option in out, option
 
     latents = tmp_path / "latents"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_ldm_kwargs
-from ldm.data import ImageCaptionDataModule
+from ldm.data import ImageCaptionDataModule, ImageCaptionDataset
 from ldm.models import LatentDiffusion, SavePretrained
 from ldm.models.latent_diffusion import drop_captions
 from ldm.pipeline import LatentDiffusionPipeline
@@ -67,35 +67,45 @@ def test_latent_cache_is_reused_and_invalidated(tmp_path, ldm_assets, caplog):
     cache = tmp_path / "cache"
     kwargs = tiny_ldm_kwargs(ldm_assets, cache_dir=str(cache), train_text_encoder=False)
 
-    def fit() -> LatentDiffusion:
+    def fit() -> tuple[LatentDiffusion, ImageCaptionDataModule]:
         model = LatentDiffusion(**kwargs)
         dm = _dm(ldm_assets)
         _trainer(tmp_path, limit_train_batches=1, limit_val_batches=0).fit(model, datamodule=dm)
         return model, dm
 
-    with caplog.at_level(logging.INFO, logger="ldm.models.latent_cache"):
+    with caplog.at_level(logging.INFO, logger="ldm.data.cache_shards"):
         model, dm = fit()
     latent_dirs = sorted(cache.glob("latents-*"))
     assert len(latent_dirs) == 1 and len(list(cache.glob("text-*"))) == 1
     shard = next(latent_dirs[0].glob("shard-*.safetensors"))
     mtime = shard.stat().st_mtime_ns
+    # The DataModule owns the cache: its datasets are untouched, it serves the cache beside them.
+    assert isinstance(dm.train_dataset, ImageCaptionDataset) and dm.cached_train_dataset.dataset is dm.train_dataset
     # The cached moments are the frozen VAE's posterior of each training image.
-    ds = dm.train_dataset
     with torch.no_grad():
-        expected = model.autoencoder.encode(ds.dataset[0]["image"][None]).moments[0]
-    assert torch.allclose(ds.moments[0], expected, atol=1e-5)
-    # The frozen text encoder's outputs are cached too and used in place of the encoder.
-    assert model._text_cache is not None and "image 1" in model._text_cache
-    assert torch.allclose(model.encode_text(["image 1"])[0], model.text_encoder.encode(["image 1"])[0], atol=1e-6)
+        expected = model.autoencoder.encode(dm.train_dataset.image(0)[None]).moments[0]
+    assert torch.allclose(dm.cached_train_dataset.moments(0), expected, atol=1e-5)
+    # The frozen text encoder's outputs are cached too: batches carry them as context, used in place of the encoder
+    # (a dropped caption gets the cached empty prompt's).
+    batch = next(iter(dm.train_dataloader()))
+    assert "image" not in batch and batch["moments"].shape[1:] == expected.shape
+    with torch.no_grad():
+        live = model.text_encoder.encode(batch["text"])
+        empty = model.text_encoder.encode([""])[0]
+    assert torch.allclose(batch["context"], live, atol=1e-6) and torch.allclose(dm.empty_context, empty, atol=1e-6)
+    model.text_encoder.encode = lambda prompts: pytest.fail(f"the text encoder ran on {prompts}")
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.context_from_batch(batch, g, dropout=0.0), batch["context"])
+    assert torch.equal(model.context_from_batch(batch, g, dropout=1.0), dm.empty_context.expand_as(batch["context"]))
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="ldm.models.latent_cache"):
+    with caplog.at_level(logging.INFO, logger="ldm.data.cache_shards"):
         fit()
     assert "reusing the cache" in caplog.text
     assert sorted(cache.glob("latents-*")) == latent_dirs and shard.stat().st_mtime_ns == mtime
 
     # Editing an image changes the key: a new cache is built, the old one is left alone.
-    train_image = ldm_assets["data"] / ds.dataset.records[0].path
+    train_image = ldm_assets["data"] / dm.train_dataset.records[0].path
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(train_image)
     fit()
     assert len(list(cache.glob("latents-*"))) == 2
