@@ -92,7 +92,7 @@ def _data_main(args: list[str]) -> None:
         from ldm.data.shards import optimize_dataset
 
         summary = optimize_dataset(ns.root, ns.out, workers=ns.workers, resize=ns.resize, chunk_bytes=ns.chunk_bytes,
-                                   data_dir=ns.data_dir, val_fraction=ns.val_fraction)
+                                   data_dir=ns.data_dir, val_fraction=ns.val_fraction, progress=True)
         print(f"Wrote {summary['splits']['train']} training and {summary['splits']['val']} validation images to {ns.out} "
               f"({len(summary['skipped'])} unreadable skipped)")
         return

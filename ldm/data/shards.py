@@ -64,7 +64,8 @@ def _write_sizes(split_dir: Path) -> None:
 
 
 def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int | None = None, chunk_bytes: str = "64MB",
-                     data_dir: str = "data", val_fraction: float = 0.1, **datamodule_options: Any) -> dict[str, Any]:
+                     data_dir: str = "data", val_fraction: float = 0.1, progress: bool = False,
+                     **datamodule_options: Any) -> dict[str, Any]:
     """Write the dataset at ``source`` (a folder or a built-in name) as litdata chunks under ``out``.
 
     Args:
@@ -75,6 +76,7 @@ def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int
         chunk_bytes: Target chunk size.
         data_dir: Where a built-in dataset is prepared.
         val_fraction: As the DataModule's.
+        progress: Show litdata's progress bar.
         datamodule_options: Other ``ImageCaptionDataModule`` arguments that shape the records (csv_file,
             image_column, caption_column, on_bad_file, verify, ...).
 
@@ -104,7 +106,7 @@ def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int
             continue
         # fork: workers start in milliseconds and need no __main__ guard (litdata's default, spawn, re-imports torch)
         optimize(fn=_Encoder(dm.dataset_root, resize), inputs=records, output_dir=str(out / split), chunk_bytes=chunk_bytes,
-                 num_workers=max(1, min(workers, len(records))), mode="overwrite", verbose=False,
+                 num_workers=max(1, min(workers, len(records))), mode="overwrite", verbose=progress,
                  start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         _write_sizes(out / split)
     (out / SHARDS_INFO).write_text(json.dumps(summary, indent=2) + "\n")

@@ -109,10 +109,16 @@ def _order(out: Path, rank: int) -> list[tuple[int, list[int]]]:
 
 
 # 22 images in batches of 4: 5 steps per epoch; 38 on 2 ranks: 9 batches, 8 usable, 4 steps per rank and epoch.
-@pytest.mark.parametrize("devices, workers, images, per_epoch", [(1, 2, 22, 5), (2, 0, 38, 4)])
-def test_killed_run_resumes_with_exactly_the_uninterrupted_batches(tmp_path, devices, workers, images, per_epoch):
+@pytest.mark.parametrize("devices, workers, images, per_epoch, streaming", [(1, 2, 22, 5, False), (2, 0, 38, 4, False),
+                                                                            (1, 2, 22, 5, True)])
+def test_killed_run_resumes_with_exactly_the_uninterrupted_batches(tmp_path, devices, workers, images, per_epoch, streaming):
     data = write_tiny_dataset(tmp_path / "data", n=images, size=8)
     common = ["--max-steps", "9", "--devices", str(devices), "--workers", str(workers)]
+    if streaming:  # litdata shards in several chunks, read chunk-locally
+        from ldm.data.shards import optimize_dataset
+
+        optimize_dataset(str(data), tmp_path / "shards", chunk_bytes="1KB", val_fraction=0.0)
+        common += ["--shards", str(tmp_path / "shards")]
     _run([str(data), str(tmp_path / "full"), *common], tmp_path / "full")
     _run([str(data), str(tmp_path / "cut"), *common, "--kill-at", "6"], tmp_path / "cut", expect_kill=True)
     assert (tmp_path / "cut" / "ckpt" / "last.ckpt").is_file()

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from ldm.data import ImageCaptionDataModule
+from ldm.data import ImageCaptionDataModule, StreamingImageCaptionDataModule
 
 
 class Recorder(L.LightningModule):
@@ -56,12 +56,17 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--shards", default=None, help="stream from these 'ldm data optimize' shards instead of DATA")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dm = ImageCaptionDataModule(root=args.data, image_size=8, batch_size=args.batch_size, num_workers=args.workers,
-                                val_fraction=0.0, seed=3)
+    if args.shards:
+        dm = StreamingImageCaptionDataModule(root=args.shards, image_size=8, batch_size=args.batch_size,
+                                             num_workers=args.workers, seed=3)
+    else:
+        dm = ImageCaptionDataModule(root=args.data, image_size=8, batch_size=args.batch_size, num_workers=args.workers,
+                                    val_fraction=0.0, seed=3)
     callbacks = [ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)]
     if args.kill_at is not None:
         callbacks.append(KillAt(args.kill_at))
