@@ -37,16 +37,31 @@ from ldm.data.sources import discover_records
 PER_FOLDER = 1000
 
 
-def write_noise_jpegs(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """``n`` random-noise JPEGs under ``root/images/NNN/`` and a metadata.jsonl naming them."""
+def _noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _smooth(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth colour fields with a little grain: sizes and decode times closer to photographs than pure noise."""
+    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    field = np.asarray(small.resize((size, size), Image.Resampling.BICUBIC), dtype=np.int16)
+    return np.clip(field + rng.integers(-8, 9, (size, size, 3), dtype=np.int16), 0, 255).astype(np.uint8)
+
+
+CONTENTS = {"noise": _noise, "smooth": _smooth}
+
+
+def write_jpegs(root: Path, n: int, size: int, seed: int = 0, content: str = "noise") -> None:
+    """``n`` JPEGs (``content``: ``noise`` or ``smooth``) under ``root/images/NNN/`` and a metadata.jsonl naming them."""
     rng = np.random.default_rng(seed)
+    make = CONTENTS[content]
     lines = []
     for i in range(n):
         rel = f"images/{i // PER_FOLDER:03d}/{i:06d}.jpg"
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
-        lines.append(json.dumps({"file_name": rel, "text": f"noise {i}"}) + "\n")
+        Image.fromarray(make(rng, size)).save(path, quality=90)
+        lines.append(json.dumps({"file_name": rel, "text": f"{content} {i}"}) + "\n")
     (root / "metadata.jsonl").write_text("".join(lines))
 
 
@@ -77,7 +92,7 @@ def main() -> None:
             print(f"reusing {args.n} images in {root}")
         else:
             root.mkdir(parents=True, exist_ok=True)
-            seconds, _ = _timed(lambda: write_noise_jpegs(root, args.n, args.size))
+            seconds, _ = _timed(lambda: write_jpegs(root, args.n, args.size))
             print(f"wrote {args.n} {args.size}x{args.size} noise JPEGs to {root} in {seconds:.1f} s")
         manifest = ScanManifest(root)
 

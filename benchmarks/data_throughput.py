@@ -45,15 +45,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 try:
-    from data_setup import PER_FOLDER, write_noise_jpegs
+    from data_setup import write_jpegs
 except ImportError:  # run as ``python -m benchmarks.data_throughput``
-    from benchmarks.data_setup import PER_FOLDER, write_noise_jpegs
+    from benchmarks.data_setup import write_jpegs
 
 REPO = Path(__file__).resolve().parent.parent
 PATHS = ("raw", "folder", "streaming", "precomputed")
@@ -67,23 +66,6 @@ LABELS = {
 
 # --- the data ------------------------------------------------------------------------------------------------------
 
-def write_smooth_jpegs(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """Like :func:`write_noise_jpegs`, but smooth colour fields with a little grain: sizes and decode times closer
-    to photographs than pure noise."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        rel = f"images/{i // PER_FOLDER:03d}/{i:06d}.jpg"
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-        field = np.asarray(small.resize((size, size), Image.Resampling.BICUBIC), dtype=np.int16)
-        grain = rng.integers(-8, 9, (size, size, 3), dtype=np.int16)
-        Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
-        lines.append(json.dumps({"file_name": rel, "text": f"smooth {i}"}) + "\n")
-    (root / "metadata.jsonl").write_text("".join(lines))
-
-
 def ensure_images(data: Path, n: int, size: int, content: str) -> str:
     """Write the JPEGs unless ``data`` already holds this very set; says which."""
     stamp = data / "bench.json"
@@ -94,7 +76,7 @@ def ensure_images(data: Path, n: int, size: int, content: str) -> str:
         shutil.rmtree(data)
     data.mkdir(parents=True)
     started = time.perf_counter()
-    (write_noise_jpegs if content == "noise" else write_smooth_jpegs)(data, n, size)
+    write_jpegs(data, n, size, content=content)
     stamp.write_text(json.dumps(wanted))
     return f"wrote {n} {size}x{size} {content} JPEGs to {data} in {time.perf_counter() - started:.1f} s"
 
