@@ -10,6 +10,7 @@ consumed)`` in the checkpoint (``state_dict``; Lightning stores a DataModule's s
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,10 @@ from torch.utils.data._utils.collate import default_collate
 from ldm.data.epoch_plan import EpochPlan, PlannedBatches
 
 log = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is the exact number of
+# batches this rank runs (the workers split those batches, they do not each yield them all).
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 __all__ = ["PlannedLoader", "ResumableTrainData", "world"]
 

@@ -68,12 +68,10 @@ def test_fit_from_yaml_then_reconstruct(tmp_path, tiny_dataset, tiny_vae_kwargs,
     last = tmp_path / "logs" / "autoencoder-digits" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     step_after_first = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    first = torch.load(last, map_location="cpu", weights_only=True); print("FIRST", first["epoch"], first.get("ImageCaptionDataModule"), first["loops"]["fit_loop"]["epoch_progress"])
 
     # A crashed or finished run continues from its last checkpoint with `--ckpt_path last`.
     main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     resumed = torch.load(last, map_location="cpu", weights_only=True)
-    print("DEBUG", step_after_first, resumed["epoch"], resumed["global_step"], resumed.get("ImageCaptionDataModule"), resumed["loops"]["fit_loop"]["epoch_progress"], torch.load(last.parent / "../../../x.ckpt", weights_only=True) if False else "")
     # Exactly one more epoch was trained. (last.ckpt's "epoch" is 1 when the epoch-end top-k save wrote it and 2
     # when the train-end save did, which happens when val/psnr did not improve; both hold the finished run.)
     assert resumed["global_step"] > step_after_first
