@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from ldm.data.images import load_rgb
 from ldm.data.records import ImageRecord
 
-__all__ = ["CROP_CHOICES", "ImageCaptionDataset", "ItemTransforms", "build_transform"]
+__all__ = ["CROP_CHOICES", "ImageCaptionDataset", "ItemTransforms", "build_transform", "caption_index"]
 
 CROP_CHOICES = ("center", "random")
 
@@ -49,6 +49,14 @@ def build_transform(image_size: int, crop: str = "center", random_flip: bool = F
         v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # [0, 1] -> [-1, 1]
     ]
     return v2.Compose(steps)
+
+
+def caption_index(count: int, train: bool) -> int:
+    """Which of an image's ``count`` captions one access uses: uniformly random in training mode (``torch.randint``,
+    so DataLoader worker seeding applies), the first in eval mode."""
+    if not train or count <= 1:
+        return 0
+    return int(torch.randint(count, ()).item())
 
 
 class ItemTransforms:
@@ -120,11 +128,7 @@ class ImageCaptionDataset(Dataset):
             index: Record index.
         """
         captions = self.records[index].captions
-        if not captions:
-            return ""
-        if not self.train or len(captions) == 1:
-            return captions[0]
-        return captions[int(torch.randint(len(captions), ()).item())]
+        return captions[caption_index(len(captions), self.train)] if captions else ""
 
     def image(self, index: int) -> torch.Tensor:
         """The transformed image of record ``index`` (``FloatTensor[3, H, W]`` in [-1, 1]), drawing no caption.

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ldm.data.dataset import caption_index
+
 __all__ = ["EMPTY_PROMPT_ID", "FORMAT", "INFO_FILE", "SPLITS", "TEXT_DIR", "PrecomputedLatentsDataset", "join_url",
            "read_info"]
 
@@ -154,10 +156,6 @@ class PrecomputedLatentsDataset(Dataset):
             raise IndexError(f"index {index} is outside the {self._count} {self.split} items of {self.root}")
         return self._items[int(index)]
 
-    def _choose(self, n: int) -> int:
-        if not self.train or n <= 1:
-            return 0
-        return int(torch.randint(n, ()).item())
 
     def context(self, caption_id: int) -> torch.Tensor:
         """The stored text embedding of row ``caption_id`` of ``text/`` (float32)."""
@@ -171,7 +169,7 @@ class PrecomputedLatentsDataset(Dataset):
         out: dict[str, Any] = {"moments": item["moments"].to(torch.float32, copy=True), "text": "", "index": int(index)}
         caption_id = EMPTY_PROMPT_ID
         if captions:
-            j = self._choose(len(captions))
+            j = caption_index(len(captions), self.train)
             out["text"] = captions[j]
             if self.has_context:
                 caption_id = json.loads(item["caption_ids"])[j]

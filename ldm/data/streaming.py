@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import assign_buckets, data_bucket_sizes
 from ldm.data.epoch_plan import item_groups
-from ldm.data.dataset import CROP_CHOICES, ItemTransforms, build_transform
+from ldm.data.dataset import CROP_CHOICES, ItemTransforms, build_transform, caption_index
 from ldm.data.images import to_rgb
 from ldm.data.resumable import ResumableTrainData
 
@@ -108,12 +107,7 @@ class StreamingImageCaptionDataset(Dataset):
             img.load()
             image = to_rgb(ImageOps.exif_transpose(img))
         captions = json.loads(item["captions"])
-        if not captions:
-            text = ""
-        elif not self.train or len(captions) == 1:
-            text = captions[0]
-        else:
-            text = captions[int(torch.randint(len(captions), ()).item())]
+        text = captions[caption_index(len(captions), self.train)] if captions else ""
         return {"image": self.transforms(index, image), "text": text, "index": index}
 
 
