@@ -26,6 +26,9 @@ def _lightning_cli(args: list[str]) -> None:
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults({"data": {"class_path": DATA_CLASSES[0]}})
 
+        def before_instantiate_classes(self) -> None:
+            _no_vae_encoder_for_latents(self.config[self.subcommand] if self.subcommand else self.config)
+
     _CLI(
         model_class=None,
         datamodule_class=None,
@@ -34,6 +37,16 @@ def _lightning_cli(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def _no_vae_encoder_for_latents(config) -> None:
+    """``LatentDiffusion(vae_encoder=None)`` on precomputed latents: build the VAE without its encoder."""
+    model, data = config.get("model"), config.get("data")
+    if not model or not data or not str(model.get("class_path", "")).endswith("LatentDiffusion"):
+        return
+    init_args = model.get("init_args")
+    if init_args is not None and init_args.get("vae_encoder") is None:
+        init_args["vae_encoder"] = not str(data.get("class_path", "")).endswith("PrecomputedLatentsDataModule")
 
 
 def _lightning_main(args: list[str]) -> None:

@@ -25,14 +25,14 @@ def fingerprint(*parts: object, tensors: Iterable[torch.Tensor] = ()) -> str:
     return h.hexdigest()[:16]
 
 
-def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
-    """Hash of what turns images into posterior moments: a KL autoencoder's ``encoder`` and ``quant_conv`` weights
-    (as stored: a half-precision copy hashes differently from the fp32 one).
+def vae_encoder_fingerprint(vae) -> str:
+    """Hash of what turns images into posterior moments: a KL autoencoder's ``encoder_fingerprint()`` (its
+    ``encoder`` and ``quant_conv`` weights as stored, or the hash of those it dropped when built without them).
 
-    Two VAEs with this hash give the same moments, whatever their decoders; ``ldm data encode`` records it and
-    ``LatentDiffusion`` compares it with its own VAE's before training on precomputed latents.
+    ``ldm data encode`` records it and ``LatentDiffusion`` compares it with its own VAE's before training on
+    precomputed latents.
     """
-    return fingerprint("vae-encoder", tensors=[*vae.encoder.state_dict().values(), *vae.quant_conv.state_dict().values()])
+    return vae.encoder_fingerprint()
 
 
 def text_encoder_fingerprint(text_encoder) -> str:

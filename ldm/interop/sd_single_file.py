@@ -120,10 +120,11 @@ def _yaml_heads(sidecar: dict[str, Any], path: Path) -> dict[str, int] | None:
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
-    expected = module.state_dict()
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    expected.update({k: shape for k, (shape, _) in getattr(module, "encoder_state_spec", {}).items()})  # a VAE without encoder
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v)}" for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v)]
     if missing or unexpected or wrong:
         raise ValueError(
             f"{path}: the {what} weights do not fit the inferred model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -188,6 +189,7 @@ def read_sd_single_file(
     text_encoder_layer: str | None = None,
     num_heads: int | None = None,
     num_head_channels: int | None = None,
+    vae_encoder: bool = True,
 ) -> SDSingleFile:
     """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely).
 
@@ -203,6 +205,8 @@ def read_sd_single_file(
             else SD's convention (v1: 8).
         num_head_channels: Channels per head instead (SD v2: 64); heads = channels // this. Giving one of the two
             sets the other to -1 (unused), as in the original configs.
+        vae_encoder: False builds the VAE without its encoder (its weights are read only to hash them; see
+            :class:`~ldm.nn.autoencoder.KLAutoencoder`).
 
     Raises:
         FileNotFoundError: if the file (or a given tokenizer folder) does not exist.
@@ -234,7 +238,7 @@ def read_sd_single_file(
         vae_config = stored.get("vae") or vae_config_from_state_dict(parts["vae"])
     except KeyError as error:
         raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
-    vae = KLAutoencoder(**vae_config)
+    vae = KLAutoencoder(**vae_config, with_encoder=vae_encoder)
     _load_strict(vae, parts["vae"], "VAE", path)
     layout = _text_layout(parts["text_encoder"], path)
     tok = _tokenizer(tokenizer, stored_tokenizer, layout)

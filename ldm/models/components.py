@@ -56,7 +56,7 @@ def vae_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 def load_components(path: str | Path, use_ema: bool = True, prediction_type: str | None = None,
                     tokenizer: str | Path | None = None, num_heads: int | None = None,
-                    num_head_channels: int | None = None) -> ModelComponents:
+                    num_head_channels: int | None = None, vae_encoder: bool = True) -> ModelComponents:
     """Load the model at ``path`` in whichever layout it is (see the module docstring).
 
     Args:
@@ -68,6 +68,8 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
         num_heads: UNet attention heads of an SD single file (shapes cannot tell them; see
             :func:`~ldm.interop.sd_single_file.read_sd_single_file`).
         num_head_channels: Channels per UNet attention head of an SD single file (instead of ``num_heads``).
+        vae_encoder: False builds the VAE without its encoder (training from precomputed latents): its weights are
+            read only to hash them (``vae.encoder_fingerprint()``) and are then dropped.
 
     Raises:
         FileNotFoundError: when ``path`` is none of the layouts.
@@ -76,11 +78,12 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
     """
     path = Path(path)
     if path.is_file() and path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
-        parts = _from_file(path, use_ema, tokenizer, prediction_type, num_heads, num_head_channels)
+        parts = _from_file(path, use_ema, tokenizer, prediction_type, num_heads, num_head_channels, vae_encoder)
     elif (path / "model_index.json").is_file():
         _no_head_override(path, num_heads, num_head_channels)
         index = json.loads((path / "model_index.json").read_text())
-        parts = _from_folder(path) if index.get("_class_name") == "LatentDiffusionPipeline" else _from_diffusers(path)
+        read = _from_folder if index.get("_class_name") == "LatentDiffusionPipeline" else _from_diffusers
+        parts = read(path, vae_encoder)
     else:
         raise FileNotFoundError(
             f"{path} is not a model: expected a folder with model_index.json (ldm's export or a diffusers Stable Diffusion "
@@ -97,14 +100,14 @@ def _no_head_override(path: Path, num_heads: int | None, num_head_channels: int 
                          "stores its UNet config (heads included), so leave them out")
 
 
-def _from_folder(folder: Path) -> ModelComponents:
+def _from_folder(folder: Path, vae_encoder: bool) -> ModelComponents:
     index = json.loads((folder / "model_index.json").read_text())
     unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
     unet_config.pop("_class_name")
     unet = UNetModel(**unet_config)
     unet.load_state_dict(load_weights(folder / "unet", "model.safetensors"))
     vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
-    vae = KLAutoencoder(**vae_kwargs(vae_config))
+    vae = KLAutoencoder(**vae_kwargs(vae_config), with_encoder=vae_encoder)
     vae.load_state_dict(load_weights(folder / "vae", "model.safetensors"))
     text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer"))
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -116,7 +119,7 @@ def _from_folder(folder: Path) -> ModelComponents:
                            unet_config, vae_config, sampler_config)  # no sample_size (old exports): the VAE's training size
 
 
-def _from_diffusers(folder: Path) -> ModelComponents:
+def _from_diffusers(folder: Path, vae_encoder: bool) -> ModelComponents:
     from ldm.interop import load_diffusers_folder, read_vae_scaling_factor
 
     unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = load_diffusers_folder(folder)
@@ -124,7 +127,7 @@ def _from_diffusers(folder: Path) -> ModelComponents:
         raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
     unet = UNetModel(**unet_config)
     unet.load_state_dict(unet_state)
-    vae = KLAutoencoder(**vae_config)
+    vae = KLAutoencoder(**vae_config, with_encoder=vae_encoder)
     vae.load_state_dict(vae_state)
     # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
     text_encoder = TextEncoder.from_pretrained(str(folder), layer="last")
@@ -141,7 +144,7 @@ def _from_diffusers(folder: Path) -> ModelComponents:
 
 
 def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, prediction_type: str | None,
-               num_heads: int | None, num_head_channels: int | None) -> ModelComponents:
+               num_heads: int | None, num_head_channels: int | None, vae_encoder: bool) -> ModelComponents:
     if path.suffix != ".safetensors":
         # mmap: telling a Lightning checkpoint from an SD .ckpt does not read the whole file. Files this cannot
         # read (legacy format, unsafe pickles) go on to the SD reader, which explains what is wrong.
@@ -151,22 +154,23 @@ def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, predicti
             ckpt = None
         if isinstance(ckpt, dict) and "unet" in ckpt.get("hyper_parameters", {}):
             _no_head_override(path, num_heads, num_head_channels)
-            return _from_lightning_checkpoint(path, ckpt, use_ema)
+            return _from_lightning_checkpoint(path, ckpt, use_ema, vae_encoder)
         del ckpt
     from ldm.interop.sd_single_file import read_sd_single_file
 
     sd = read_sd_single_file(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer, num_heads=num_heads,
-                             num_head_channels=num_head_channels)
+                             num_head_channels=num_head_channels, vae_encoder=vae_encoder)
     schedule = NoiseSchedule.from_config(sd.schedule_config) if sd.schedule_config else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
     return ModelComponents(sd.unet.eval(), sd.vae.eval(), sd.text_encoder, schedule, sd.prediction_type, sd.scaling_factor,
                            sd.sample_size, sd.unet_config, {**sd.vae_config, "scaling_factor": sd.scaling_factor}, sd.sampler_config)
 
 
-def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -> ModelComponents:
+def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, vae_encoder: bool) -> ModelComponents:
     from ldm.models.latent_diffusion import LatentDiffusion
 
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = LatentDiffusion(**hparams)
+    # The run may have trained without the VAE's encoder (precomputed latents); whoever loads it now says.
+    model = LatentDiffusion(**{**hparams, "vae_encoder": vae_encoder})
     state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     model.load_trained_state(state, str(path))
     model.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32

@@ -26,14 +26,17 @@ def frozen_state_keys(module: nn.Module) -> set[str]:
     return {k for k in module.state_dict() if k not in trainable and "." in k}
 
 
-def check_only_frozen_missing(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise unless ``state`` holds every trained weight of ``module`` and nothing it lacks.
+def check_only_frozen_missing(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                              restorable: set[str] | None = None) -> None:
+    """Raise unless ``state`` holds every weight of ``module`` other than ``restorable`` (default: its frozen
+    weights) and nothing it lacks.
 
     Raises:
         ValueError: naming the missing trained keys and the unexpected ones.
     """
     expected = set(module.state_dict())
-    not_frozen = (expected - set(state)) - frozen_state_keys(module)
+    restorable = frozen_state_keys(module) if restorable is None else restorable
+    not_frozen = (expected - set(state)) - restorable
     unexpected = set(state) - expected
     if not_frozen or unexpected:
         raise ValueError(f"{source} does not fit this model: missing trained weights {sorted(not_frozen)[:5]}, "

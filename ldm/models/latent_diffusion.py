@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.diffusion import NoiseSchedule, SamplerConfig, loss_weights, normalize_prediction_type, offset_noise, training_target
-from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.components import load_components
+from ldm.models.autoencoder import WEIGHTS_NAME as VAE_WEIGHTS
+from ldm.models.components import load_components, vae_kwargs
 from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.frozen_weights import cast_frozen, check_only_frozen_missing, frozen_state_keys
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
-from ldm.models.pretrained import write_pipeline_folder
+from ldm.models.pretrained import load_weights, read_model_folder, write_pipeline_folder
 from ldm.models.sampling import sample_latents
+from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.lora import DIFFUSERS_LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ldm.nn.text_encoder import LAYERS, TextEncoder
@@ -98,6 +99,10 @@ class LatentDiffusion(pl.LightningModule):
         gradient_checkpointing: Recompute UNet block activations in the backward pass (less memory, ~30% slower).
         frozen_dtype: Store frozen weights (VAE, frozen text encoder, the UNet base under LoRA) in ``bf16`` or
             ``fp16`` to save memory; use with ``--trainer.precision bf16-mixed``/``16-mixed``. ``None`` keeps fp32.
+        vae_encoder: Build the VAE's encoder. ``False`` (for training from precomputed latents): the decoder only;
+            the encoder's weights are read from the VAE's file just to hash them for the fingerprint check, and are
+            never built, moved to the device or written to checkpoints (an export re-reads them from the source).
+            ``None``: ``False`` when ``ldm fit`` trains on ``PrecomputedLatentsDataModule``, else ``True``.
         seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
             so a resumed run draws exactly what an uninterrupted one would).
 
@@ -105,9 +110,9 @@ class LatentDiffusion(pl.LightningModule):
     are trained on without encoding images, and batches that carry ``context`` without running a frozen text
     encoder (caption dropout then swaps in the stored empty-prompt embedding, as the cache path does; a trained text
     encoder ignores ``context``). At set-up the datamodule's ``encoder_fingerprint`` (and text-encoder fingerprint)
-    must match this model's, else training is refused. The whole VAE is still loaded: the decoder draws the
-    validation samples, and the encoder's weights are what the fingerprint check compares (with ``frozen_dtype``
-    the fingerprints are taken from the fp32 weights at construction).
+    must match this model's, else training is refused (with ``frozen_dtype`` the fingerprints are taken from the
+    fp32 weights at construction). ``ldm fit`` on such data builds the VAE without its encoder (``vae_encoder``);
+    its decoder draws the validation samples.
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class LatentDiffusion(pl.LightningModule):
         gradient_checkpointing: bool = False,
         frozen_dtype: str | None = None,
         seed: int = 0,
+        vae_encoder: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -195,10 +201,11 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError("give autoencoder (a VAE folder) and unet (its config) to train a new model, or init_from "
                              "(an SD checkpoint, diffusers folder or ldm model) to fine-tune")
         self.prediction_type = normalize_prediction_type(prediction_type or "epsilon")
-        vae = AutoencoderKL.from_pretrained(autoencoder, disc_weight=0.0)
-        self.autoencoder = vae.vae.eval().requires_grad_(False)
-        self.vae_config = json.loads((Path(autoencoder) / "config.json").read_text())
-        self.register_buffer("scaling_factor", vae.scaling_factor.clone())
+        self.vae_config, folder = read_model_folder(autoencoder, "AutoencoderKL")
+        self.autoencoder = KLAutoencoder(**vae_kwargs(self.vae_config), with_encoder=self.hparams.vae_encoder is not False)
+        self.autoencoder.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+        self.autoencoder.eval().requires_grad_(False)
+        self.register_buffer("scaling_factor", torch.tensor(float(self.vae_config.get("scaling_factor", 1.0))))
         if text_encoder is not None:
             self.text_encoder = TextEncoder.from_pretrained(text_encoder, layer=text_encoder_layer)
         elif tokenizer is not None:
@@ -218,7 +225,8 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"init_from={path!r} brings its own VAE, UNet and text encoder; leave out {given}")
         if schedule is not None:
             raise ValueError("with init_from the noise schedule is the model's; leave out schedule")
-        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer)
+        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer,
+                                vae_encoder=self.hparams.vae_encoder is not False)
         self.prediction_type = parts.prediction_type
         self.autoencoder = parts.vae.eval().requires_grad_(False)
         self.vae_config = parts.vae_config
@@ -275,6 +283,8 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def vae_encode(self, images: torch.Tensor) -> DiagonalGaussianDistribution:
         """The frozen VAE's posterior of images in [-1, 1], in fp32 whatever dtype the VAE is stored in."""
+        if self.autoencoder.encoder is None:
+            raise RuntimeError(self._no_encoder_message("these batches hold images"))
         with torch.autocast(images.device.type, enabled=False):
             moments = self.autoencoder.encode(images.to(self.autoencoder.encoder.conv_in.weight.dtype)).moments
         return DiagonalGaussianDistribution(moments.float())
@@ -401,17 +411,31 @@ class LatentDiffusion(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ldm_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["ldm_rng_state"])
-        if "ldm_frozen_keys_omitted" in checkpoint:
-            check_only_frozen_missing(self, checkpoint["state_dict"], "the checkpoint")
+        state = checkpoint["state_dict"] = self._without_dropped_encoder(checkpoint["state_dict"])
+        if "ldm_frozen_keys_omitted" in checkpoint or set(self.state_dict()) - set(state):
+            check_only_frozen_missing(self, state, "the checkpoint", self._restored_keys())
             self.strict_loading = False
 
     def load_trained_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load a checkpoint's ``state_dict``; with ``init_from`` it may lack the frozen weights (restored from there)."""
-        if self.hparams.init_from is None:
-            self.load_state_dict(state)
-            return
-        check_only_frozen_missing(self, state, source)
+        """Load a checkpoint's ``state_dict``; it may lack the weights this model re-read from its sources at
+        construction (:meth:`_restored_keys`)."""
+        state = self._without_dropped_encoder(state)
+        check_only_frozen_missing(self, state, source, self._restored_keys())
         self.load_state_dict(state, strict=False)
+
+    def _without_dropped_encoder(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` less the VAE encoder's weights when this model has no encoder (a run that had one wrote them)."""
+        if self.autoencoder.encoder is None:
+            dropped = {f"autoencoder.{k}" for k in self.autoencoder.encoder_state_spec}
+            return {k: v for k, v in state.items() if k not in dropped}
+        return state
+
+    def _restored_keys(self) -> set[str]:
+        """State-dict keys whose values construction re-read from the sources: with ``init_from`` every frozen weight,
+        else the VAE's (a run without the VAE's encoder writes checkpoints without it, loadable with it)."""
+        if self.hparams.init_from is not None:
+            return frozen_state_keys(self)
+        return {k for k in self.state_dict() if k.startswith("autoencoder.")}
 
     # ----------------------------------------------------------------- data holding latents
     def setup(self, stage: str) -> None:
@@ -420,12 +444,19 @@ class LatentDiffusion(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if getattr(dm, "encoder_fingerprint", None) is not None:
             empty = check_precomputed(self, dm)
+        elif self.autoencoder.encoder is None and dm is not None:
+            raise ValueError(self._no_encoder_message(f"{type(dm).__name__} serves images, not precomputed latents"))
         elif stage == "fit" and self.hparams.cache_dir is not None and dm is not None:
             empty = enable_latent_cache(self, dm)
         else:
             return
         if empty is not None:
             self._empty_context = empty
+
+    def _no_encoder_message(self, why: str) -> str:
+        return (f"this LatentDiffusion was built without its VAE's encoder (vae_encoder=False), but {why}: leave "
+                "--model.init_args.vae_encoder unset (or true), or train from 'ldm data encode' output with "
+                "--data ldm.data.PrecomputedLatentsDataModule")
 
     def frozen_fingerprints(self, text: bool = True) -> dict[str, str]:
         """Fingerprints of the VAE encoder (``vae``) and, when frozen and ``text``, the text encoder (``text``), as
@@ -437,6 +468,28 @@ class LatentDiffusion(pl.LightningModule):
         return self._fingerprints
 
     # ----------------------------------------------------------------- export
+    def _whole_vae_state(self) -> dict[str, torch.Tensor]:
+        """The VAE's state dict; without the encoder, its weights re-read from the source (``autoencoder`` or
+        ``init_from``), checked against the fingerprint taken at construction."""
+        state = self.autoencoder.state_dict()
+        if self.autoencoder.encoder is not None:
+            return state
+        if self.hparams.init_from is not None:
+            source = self.hparams.init_from
+            whole = load_components(source, use_ema=self.hparams.init_from_ema, tokenizer=self.hparams.tokenizer).vae
+        else:
+            source = self.hparams.autoencoder
+            config, folder = read_model_folder(source, "AutoencoderKL")
+            whole = KLAutoencoder(**vae_kwargs(config))
+            whole.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+        if whole.encoder_fingerprint() != self.autoencoder.encoder_fingerprint():
+            raise ValueError(f"the VAE encoder in {source} changed since this model was built (fingerprint "
+                             f"{whole.encoder_fingerprint()}, was {self.autoencoder.encoder_fingerprint()}): export from "
+                             "the source it was trained with")
+        dtype = self.autoencoder.post_quant_conv.weight.dtype
+        encoder = {k: v.to(dtype) for k, v in whole.state_dict().items() if k in self.autoencoder.encoder_state_spec}
+        return {**encoder, **state}
+
     @property
     def is_lora(self) -> bool:
         return self.hparams.lora_rank > 0
@@ -461,7 +514,7 @@ class LatentDiffusion(pl.LightningModule):
             return file
         vae_config = {**self.vae_config, "scaling_factor": float(self.scaling_factor), "disc_weight": 0.0}
         return write_pipeline_folder(
-            path, self.unet_config, self.unet.state_dict(), vae_config, self.autoencoder.state_dict(), self.text_encoder,
+            path, self.unet_config, self.unet.state_dict(), vae_config, self._whole_vae_state(), self.text_encoder,
             self.schedule.to_config(), self.prediction_type, self._latent_size() * self.autoencoder.downsampling_factor,
             self.sampler_config,
         )

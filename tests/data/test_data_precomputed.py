@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import TINY_VAE, tiny_ldm_kwargs
 from ldm.cli import main
@@ -228,12 +229,21 @@ def test_encode_help_and_fit_from_the_cli(tmp_path, frozen_model_assets, capsys,
                     "enable_checkpointing": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
                     "callbacks": [{"class_path": "ldm.models.SavePretrained", "init_args": {"dirpath": str(tmp_path / "export")}}]},
         "model": {"class_path": "ldm.models.LatentDiffusion",
-                  "init_args": tiny_ldm_kwargs(assets, train_text_encoder=False, val_steps=2)},
+                  "init_args": tiny_ldm_kwargs(assets, train_text_encoder=False, val_steps=2, tokenizer=None,
+                                               text_encoder_config=None, text_encoder=str(assets["text_encoder"]))},
         "data": {"class_path": "ldm.data.PrecomputedLatentsDataModule", "init_args": {"root": str(latents), "batch_size": 4}},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config, default=str))))
+    built = []
+    setup = LatentDiffusion.setup
+    monkeypatch.setattr(LatentDiffusion, "setup", lambda self, stage: (built.append(self.autoencoder), setup(self, stage))[1])
     main(["fit", "--config", str(tmp_path / "fit.yaml")])
-    assert (tmp_path / "export" / "model_index.json").is_file()
+    # ldm fit on precomputed latents never builds the VAE's encoder; the export still holds the whole VAE.
+    assert built and built[0].encoder is None and built[0].quant_conv is None
+    source = load_file(str(assets["vae"] / "model.safetensors"))
+    exported = load_file(str(tmp_path / "export" / "vae" / "model.safetensors"))
+    assert exported.keys() == source.keys()
+    assert all(torch.equal(exported[k], source[k]) for k in source)
     # The short form on the command line works too.
     main(["fit", "--config", str(tmp_path / "fit.yaml"), "--data", "PrecomputedLatentsDataModule", "--data.root", str(latents),
           "--data.batch_size", "2", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"])
