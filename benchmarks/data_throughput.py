@@ -10,7 +10,7 @@ folder, then, once each (one-time costs, printed):
 
 * the folder DataModule's start-up image check (``verify=full``; later starts reuse its manifest);
 * ``ldm data optimize`` (:func:`ldm.data.shards.optimize_dataset`) into litdata shards;
-* ``ldm data encode`` (:func:`ldm.models.precompute.encode_dataset`) into precomputed VAE moments, with the VAE
+* ``ldm data encode`` (:func:`ldm.precompute.encode_dataset`) into precomputed VAE moments, with the VAE
   given as ``--vae`` or the tiny test VAE of tests/conftest.py (``TINY_VAE``, f=4), no text encoder;
 
 and then times one training pass of each loader, with 0 and ``--workers`` DataLoader workers:
@@ -218,7 +218,7 @@ def main() -> None:
     from ldm.data.precomputed_datamodule import PrecomputedLatentsDataModule
     from ldm.data.shards import optimize_dataset
     from ldm.data.streaming import StreamingImageCaptionDataModule
-    from ldm.models.precompute import encode_dataset
+    from ldm.precompute import encode_dataset
 
     cpus = os.cpu_count() or 1
     worker_counts = sorted({0, args.workers})

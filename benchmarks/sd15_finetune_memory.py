@@ -51,7 +51,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from ldm.interop.unet_keys import unet_config_from_diffusers
+from ldm.formats.unet_keys import unet_config_from_diffusers
 from ldm.nn.attention import BasicTransformerBlock
 from ldm.nn.lora import add_lora
 from ldm.nn.unet import UNetModel

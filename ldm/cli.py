@@ -19,7 +19,9 @@ DATA_CLASSES = ("ldm.data.ImageCaptionDataModule", "ldm.data.StreamingImageCapti
 def _lightning_cli(args: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    import ldm.data  # noqa: F401  (registers our DataModules as subclass choices)
+    import ldm.data.datamodule  # noqa: F401  (registers our DataModules as subclass choices)
+    import ldm.data.precomputed_datamodule  # noqa: F401
+    import ldm.data.streaming  # noqa: F401
     import ldm.models  # noqa: F401  (registers our LightningModules as subclass choices)
 
     class _CLI(LightningCLI):
@@ -162,7 +164,7 @@ def _add_encode_parser(sub) -> None:
 
 
 def _encode_main(ns: argparse.Namespace) -> None:
-    from ldm.models.precompute import encode_dataset
+    from ldm.precompute import encode_dataset
 
     summary = encode_dataset(ns.src, ns.vae, ns.out, text_encoder=ns.text_encoder, text_encoder_layer=ns.text_encoder_layer,
                              image_size=ns.image_size, batch_size=ns.batch_size, device=ns.device, dtype=ns.dtype,
@@ -259,7 +261,7 @@ def _generate_main(args: list[str]) -> None:
     from PIL import Image
 
     from ldm.data.images import load_rgb
-    from ldm.image_io import save_png_with_metadata
+    from ldm.pipeline.image_io import save_png_with_metadata
 
     if ns.mask and not ns.init_image:
         parser.error("--mask needs --init-image")

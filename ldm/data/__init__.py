@@ -1,31 +1,37 @@
-"""Data layer: captioned image folders, built-in datasets, transforms and the DataModule."""
+"""Data layer: captioned image folders, built-in datasets, transforms, caches, shards and the DataModules.
 
-from ldm.data.builtin import BUILTIN_DATASETS, prepare_builtin
-from ldm.data.datamodule import ImageCaptionDataModule
-from ldm.data.dataset import ImageCaptionDataset, build_transform
-from ldm.data.images import BadImageError, load_rgb
-from ldm.data.precomputed import PrecomputedLatentsDataset
-from ldm.data.precomputed_datamodule import PrecomputedLatentsDataModule
-from ldm.data.records import ImageRecord
-from ldm.data.scan import scan_records
-from ldm.data.sources import discover_records
-from ldm.data.split import split_records
-from ldm.data.streaming import StreamingImageCaptionDataModule, StreamingImageCaptionDataset
+Names load on first use (PEP 562), so ``ldm.data.images`` and the other plain modules import without Lightning.
+"""
 
-__all__ = [
-    "BUILTIN_DATASETS",
-    "BadImageError",
-    "ImageCaptionDataModule",
-    "ImageCaptionDataset",
-    "ImageRecord",
-    "PrecomputedLatentsDataModule",
-    "PrecomputedLatentsDataset",
-    "StreamingImageCaptionDataModule",
-    "StreamingImageCaptionDataset",
-    "build_transform",
-    "discover_records",
-    "load_rgb",
-    "prepare_builtin",
-    "scan_records",
-    "split_records",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "BUILTIN_DATASETS": "builtin",
+    "prepare_builtin": "builtin",
+    "ImageCaptionDataModule": "datamodule",
+    "ImageCaptionDataset": "dataset",
+    "build_transform": "dataset",
+    "BadImageError": "images",
+    "load_rgb": "images",
+    "PrecomputedLatentsDataset": "precomputed",
+    "PrecomputedLatentsDataModule": "precomputed_datamodule",
+    "ImageRecord": "records",
+    "scan_records": "scan",
+    "discover_records": "sources",
+    "split_records": "split",
+    "StreamingImageCaptionDataModule": "streaming",
+    "StreamingImageCaptionDataset": "streaming",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ldm.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ldm.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,6 +1,7 @@
 """Diffusion math: noise schedules, parameterisations, loss weighting, guidance and samplers (plain torch)."""
 
 from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.guided import guided_denoiser, sample_latents
 from ldm.diffusion.loss_weighting import LOSS_WEIGHTINGS, loss_weights, offset_noise
 from ldm.diffusion.parameterization import (
     PREDICTION_TYPES,
@@ -32,6 +33,7 @@ __all__ = [
     "SamplerConfig",
     "classifier_free_guidance",
     "eps_from_output",
+    "guided_denoiser",
     "karras_sigmas",
     "loss_weights",
     "make_betas",
@@ -46,6 +48,7 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_latents",
     "sampler_timesteps",
     "sampling_timesteps",
     "training_target",

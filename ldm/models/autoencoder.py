@@ -12,12 +12,12 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.models.autoencoder_loss import AutoencoderLoss
 from ldm.models.image_logging import log_image_grid
-from ldm.models.pretrained import load_weights, read_model_folder, write_model_folder
+from ldm.formats.ldm_folder import VAE_WEIGHTS as WEIGHTS_NAME
+from ldm.formats.ldm_folder import load_weights, read_model_folder, write_model_folder
 from ldm.nn.autoencoder import KLAutoencoder
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
 DISCRIMINATOR_NAME = "discriminator.safetensors"
 
 

@@ -14,19 +14,23 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
-from ldm.diffusion import NoiseSchedule, SamplerConfig, loss_weights, normalize_prediction_type, offset_noise, training_target
-from ldm.models.autoencoder import WEIGHTS_NAME as VAE_WEIGHTS
-from ldm.models.components import load_components, vae_kwargs
+from ldm.diffusion import loss_weights, offset_noise, sample_latents, training_target
+from ldm.formats.components import load_components, vae_kwargs
+from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder, write_pipeline_folder
+from ldm.formats.lightning_ckpt import (
+    check_only_frozen_missing,
+    components_from_hparams,
+    frozen_state_keys,
+    prepare_for_training,
+    restorable_keys,
+    without_dropped_encoder,
+)
+from ldm.models.frozen_weights import cast_frozen
 from ldm.models.image_logging import log_image_grid, pad_to_common_size
-from ldm.models.frozen_weights import cast_frozen, check_only_frozen_missing, frozen_state_keys
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
-from ldm.models.pretrained import load_weights, read_model_folder, write_pipeline_folder
-from ldm.models.sampling import sample_latents
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.distributions import DiagonalGaussianDistribution
-from ldm.nn.lora import DIFFUSERS_LORA_FILE, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
-from ldm.nn.text_encoder import LAYERS, TextEncoder
-from ldm.nn.unet import UNetModel
+from ldm.nn.lora import DIFFUSERS_LORA_FILE, UNET_TARGETS, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -169,78 +173,28 @@ class LatentDiffusion(pl.LightningModule):
         if frozen_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"frozen_dtype={frozen_dtype!r}; use 'bf16', 'fp16' or leave it out")
 
+        parts = components_from_hparams(self.hparams, vae_encoder=vae_encoder is not False)
+        self.prediction_type = parts.prediction_type
+        self.autoencoder = parts.vae
+        self.vae_config = parts.vae_config
+        self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
+        self.text_encoder = parts.text_encoder
+        self.unet_config = parts.unet_config
+        self.unet = parts.unet
+        self.schedule, self.sampler_config = parts.schedule, parts.sampler_config
         if init_from is not None:
-            self._init_from_model(init_from, init_from_ema, tokenizer, text_encoder_layer, autoencoder, unet, text_encoder,
-                                  prediction_type, schedule)
-        else:
-            self._build_new(autoencoder, unet, text_encoder, tokenizer, text_encoder_config, text_encoder_layer, prediction_type,
-                            schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr)
-        if not train_text_encoder:
-            self.text_encoder.freeze()
+            log.info("fine-tuning from %s (%s prediction, %s)", init_from, self.prediction_type, self.schedule.kind)
         self._fingerprints: dict[str, str] = {}
         if frozen_dtype is not None:  # the weights are about to be cast: hash the fp32 ones the encode used
             self._fingerprints = {"vae": vae_encoder_fingerprint(self.autoencoder)}
             if not train_text_encoder:
                 self._fingerprints["text"] = text_encoder_fingerprint(self.text_encoder)
-        if lora_rank > 0:
-            add_lora(self.unet, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets, dropout=lora_dropout)
-            if lora_text_encoder:
-                add_lora(self.text_encoder.model, rank=lora_rank, alpha=lora_alpha, target_modules=TEXT_ENCODER_TARGETS,
-                         dropout=lora_dropout)
-        elif lora_text_encoder:
-            raise ValueError("lora_text_encoder needs lora_rank > 0")
+        prepare_for_training(self, self.hparams)  # freezing and LoRA adapters, as the checkpoint reader does
         if frozen_dtype is not None:
             cast_frozen([self.autoencoder, self.text_encoder, self.unet], {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype])
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
         self._empty_context: torch.Tensor | None = None
-
-    def _build_new(self, autoencoder, unet, text_encoder, tokenizer, text_encoder_config, text_encoder_layer, prediction_type,
-                   schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr) -> None:
-        if autoencoder is None or unet is None:
-            raise ValueError("give autoencoder (a VAE folder) and unet (its config) to train a new model, or init_from "
-                             "(an SD checkpoint, diffusers folder or ldm model) to fine-tune")
-        self.prediction_type = normalize_prediction_type(prediction_type or "epsilon")
-        self.vae_config, folder = read_model_folder(autoencoder, "AutoencoderKL")
-        self.autoencoder = KLAutoencoder(**vae_kwargs(self.vae_config), with_encoder=self.hparams.vae_encoder is not False)
-        self.autoencoder.load_state_dict(load_weights(folder, VAE_WEIGHTS))
-        self.autoencoder.eval().requires_grad_(False)
-        self.register_buffer("scaling_factor", torch.tensor(float(self.vae_config.get("scaling_factor", 1.0))))
-        if text_encoder is not None:
-            self.text_encoder = TextEncoder.from_pretrained(text_encoder, layer=text_encoder_layer)
-        elif tokenizer is not None:
-            self.text_encoder = TextEncoder.from_config(tokenizer, layer=text_encoder_layer or "last", **(text_encoder_config or {}))
-        else:
-            raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
-        unet_args = {"context_dim": self.text_encoder.hidden_size, "in_channels": self.autoencoder.latent_channels,
-                     "out_channels": self.autoencoder.latent_channels, **unet}
-        self.unet_config = unet_args
-        self.unet = UNetModel(**unet_args)
-        self.schedule = NoiseSchedule(schedule or "scaled_linear", num_timesteps, beta_start, beta_end, zero_terminal_snr)
-        self.sampler_config = SamplerConfig()
-
-    def _init_from_model(self, path, use_ema, tokenizer, layer, autoencoder, unet, text_encoder, prediction_type, schedule) -> None:
-        given = [name for name, value in (("autoencoder", autoencoder), ("unet", unet), ("text_encoder", text_encoder)) if value is not None]
-        if given:
-            raise ValueError(f"init_from={path!r} brings its own VAE, UNet and text encoder; leave out {given}")
-        if schedule is not None:
-            raise ValueError("with init_from the noise schedule is the model's; leave out schedule")
-        parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer,
-                                vae_encoder=self.hparams.vae_encoder is not False)
-        self.prediction_type = parts.prediction_type
-        self.autoencoder = parts.vae.eval().requires_grad_(False)
-        self.vae_config = parts.vae_config
-        self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
-        self.text_encoder = parts.text_encoder
-        if layer is not None:
-            if layer not in LAYERS:
-                raise ValueError(f"text_encoder_layer={layer!r}; use one of {LAYERS}")
-            self.text_encoder.layer = layer
-        self.unet_config = parts.unet_config
-        self.unet = parts.unet.train()
-        self.unet.requires_grad_(True)
-        self.schedule, self.sampler_config = parts.schedule, parts.sampler_config
-        log.info("fine-tuning from %s (%s prediction, %s)", path, self.prediction_type, self.schedule.kind)
 
     # ----------------------------------------------------------------- conditioning
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -411,31 +365,17 @@ class LatentDiffusion(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ldm_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["ldm_rng_state"])
-        state = checkpoint["state_dict"] = self._without_dropped_encoder(checkpoint["state_dict"])
+        state = checkpoint["state_dict"] = without_dropped_encoder(self.autoencoder, checkpoint["state_dict"])
         if "ldm_frozen_keys_omitted" in checkpoint or set(self.state_dict()) - set(state):
-            check_only_frozen_missing(self, state, "the checkpoint", self._restored_keys())
+            check_only_frozen_missing(self, state, "the checkpoint", restorable_keys(self, self.hparams))
             self.strict_loading = False
 
     def load_trained_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load a checkpoint's ``state_dict``; it may lack the weights this model re-read from its sources at
-        construction (:meth:`_restored_keys`)."""
-        state = self._without_dropped_encoder(state)
-        check_only_frozen_missing(self, state, source, self._restored_keys())
+        construction (:func:`~ldm.formats.lightning_ckpt.restorable_keys`)."""
+        state = without_dropped_encoder(self.autoencoder, state)
+        check_only_frozen_missing(self, state, source, restorable_keys(self, self.hparams))
         self.load_state_dict(state, strict=False)
-
-    def _without_dropped_encoder(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state`` less the VAE encoder's weights when this model has no encoder (a run that had one wrote them)."""
-        if self.autoencoder.encoder is None:
-            dropped = {f"autoencoder.{k}" for k in self.autoencoder.encoder_state_spec}
-            return {k: v for k, v in state.items() if k not in dropped}
-        return state
-
-    def _restored_keys(self) -> set[str]:
-        """State-dict keys whose values construction re-read from the sources: with ``init_from`` every frozen weight,
-        else the VAE's (a run without the VAE's encoder writes checkpoints without it, loadable with it)."""
-        if self.hparams.init_from is not None:
-            return frozen_state_keys(self)
-        return {k for k in self.state_dict() if k.startswith("autoencoder.")}
 
     # ----------------------------------------------------------------- data holding latents
     def setup(self, stage: str) -> None:

@@ -18,7 +18,7 @@ from ldm.cli import main
 from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule, PrecomputedLatentsDataset
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.models import AutoencoderKL, LatentDiffusion
-from ldm.models.precompute import encode_dataset
+from ldm.precompute import encode_dataset
 from ldm.nn.autoencoder import KLAutoencoder
 
 VAL_FRACTION = 0.25  # 24 tiny images -> 20 training, 4 validation

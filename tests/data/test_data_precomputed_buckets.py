@@ -16,7 +16,7 @@ from conftest import tiny_ldm_kwargs
 from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule, PrecomputedLatentsDataset
 from ldm.data.precomputed_writer import size_batches
 from ldm.models import AutoencoderKL, LatentDiffusion
-from ldm.models.precompute import encode_dataset
+from ldm.precompute import encode_dataset
 
 # (width, height): wide, tall and square; image_size 32 with multiple 8 gives buckets 40x24, 32x32 and 24x40 (h x w).
 SHAPES = [(64, 32), (32, 64), (48, 48), (60, 36)]

@@ -150,7 +150,7 @@ def test_lora_checkpoint_is_slim_and_resumes(base, tmp_path):
 
 
 def _components(model: LatentDiffusion):
-    from ldm.models.components import ModelComponents
+    from ldm.formats.components import ModelComponents
 
     return ModelComponents(model.unet.eval(), model.autoencoder, model.text_encoder, model.schedule, model.prediction_type,
                            float(model.scaling_factor), 32, model.unet_config, model.vae_config)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from conftest import TINY_VAE, tiny_ldm_kwargs
 from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule
 from ldm.models import AutoencoderKL, LatentDiffusion
-from ldm.models.components import load_components
-from ldm.models.precompute import encode_dataset
+from ldm.formats.components import load_components
+from ldm.precompute import encode_dataset
 from ldm.nn.autoencoder import KLAutoencoder
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ldm.interop.unet_keys import diffusers_to_ldm_unet
+from ldm.formats.unet_keys import diffusers_to_ldm_unet
 from interop_helpers import SD2_DIFFUSERS, SD15_DIFFUSERS, TINY_UNET_DIFFUSERS, randomize_
 from ldm.nn.unet import UNetModel
 from ldm.nn.unet_blocks import timestep_embedding

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ldm.cli import main
-from ldm.interop import load_sd_checkpoint
+from ldm.formats import load_sd_checkpoint
 from ldm.nn.lora import add_lora, save_lora
 from ldm.pipeline import LatentDiffusionPipeline
 

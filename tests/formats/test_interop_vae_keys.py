@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from interop_helpers import SD_VAE_DIFFUSERS, TINY_VAE_DIFFUSERS, randomize_
 
-from ldm.interop.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
+from ldm.formats.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
 from ldm.nn.autoencoder import KLAutoencoder
 
 

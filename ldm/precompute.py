@@ -22,7 +22,7 @@ from ldm.data.fingerprints import file_signature, fingerprint, text_encoder_fing
 from ldm.data.precomputed import EMPTY_PROMPT_ID, FORMAT, SPLITS, TEXT_DIR
 from ldm.data.precomputed_writer import PrecomputedWriter, caption_items, image_items
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.components import ModelComponents, load_components
+from ldm.formats.components import ModelComponents, load_components
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 

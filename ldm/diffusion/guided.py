@@ -1,4 +1,5 @@
-"""Text-to-latent sampling with classifier-free guidance, shared by validation and the pipeline."""
+"""Text-to-latent sampling with classifier-free guidance: the CFG denoiser around a text-conditional UNet, shared by
+validation sampling and the pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ldm.diffusion import NoiseSchedule, SamplerConfig, classifier_free_guidance, sample
+from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.sampler_config import SamplerConfig
+from ldm.diffusion.sampling import sample
+from ldm.diffusion.schedule import NoiseSchedule
 
 
 def guided_denoiser(

@@ -10,7 +10,7 @@ from interop_helpers import randomize_, tiny_clip_config
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.data.tokenizer import train_clip_tokenizer
-from ldm.interop.diffusers_folder import load_diffusers_folder, read_vae_scaling_factor, write_diffusers_folder
+from ldm.formats.diffusers_folder import load_diffusers_folder, read_vae_scaling_factor, write_diffusers_folder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.unet import UNetModel
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
-from ldm.models.pretrained import load_weights, read_model_folder
+from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
@@ -66,7 +66,7 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
             whose weights cannot tell; for those it also sets the default sample size).
         tokenizer: Tokenizer folder or hub id for an SD single file (which holds none).
         num_heads: UNet attention heads of an SD single file (shapes cannot tell them; see
-            :func:`~ldm.interop.sd_single_file.read_sd_single_file`).
+            :func:`~ldm.formats.sd_single_file.read_sd_single_file`).
         num_head_channels: Channels per UNet attention head of an SD single file (instead of ``num_heads``).
         vae_encoder: False builds the VAE without its encoder (training from precomputed latents): its weights are
             read only to hash them (``vae.encoder_fingerprint()``) and are then dropped.
@@ -108,7 +108,7 @@ def _from_folder(folder: Path, vae_encoder: bool) -> ModelComponents:
     unet.load_state_dict(load_weights(folder / "unet", "model.safetensors"))
     vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
     vae = KLAutoencoder(**vae_kwargs(vae_config), with_encoder=vae_encoder)
-    vae.load_state_dict(load_weights(folder / "vae", "model.safetensors"))
+    vae.load_state_dict(load_weights(folder / "vae", VAE_WEIGHTS))
     text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer"))
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     prediction_type = sched.pop("prediction_type", "epsilon")
@@ -120,7 +120,7 @@ def _from_folder(folder: Path, vae_encoder: bool) -> ModelComponents:
 
 
 def _from_diffusers(folder: Path, vae_encoder: bool) -> ModelComponents:
-    from ldm.interop import load_diffusers_folder, read_vae_scaling_factor
+    from ldm.formats import load_diffusers_folder, read_vae_scaling_factor
 
     unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = load_diffusers_folder(folder)
     if text_path is None or tok_path is None:
@@ -154,27 +154,14 @@ def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, predicti
             ckpt = None
         if isinstance(ckpt, dict) and "unet" in ckpt.get("hyper_parameters", {}):
             _no_head_override(path, num_heads, num_head_channels)
-            return _from_lightning_checkpoint(path, ckpt, use_ema, vae_encoder)
+            from ldm.formats.lightning_ckpt import read_lightning_checkpoint  # it loads init_from through here
+
+            return read_lightning_checkpoint(path, ckpt, use_ema, vae_encoder)
         del ckpt
-    from ldm.interop.sd_single_file import read_sd_single_file
+    from ldm.formats.sd_single_file import read_sd_single_file
 
     sd = read_sd_single_file(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer, num_heads=num_heads,
                              num_head_channels=num_head_channels, vae_encoder=vae_encoder)
     schedule = NoiseSchedule.from_config(sd.schedule_config) if sd.schedule_config else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
     return ModelComponents(sd.unet.eval(), sd.vae.eval(), sd.text_encoder, schedule, sd.prediction_type, sd.scaling_factor,
                            sd.sample_size, sd.unet_config, {**sd.vae_config, "scaling_factor": sd.scaling_factor}, sd.sampler_config)
-
-
-def _from_lightning_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, vae_encoder: bool) -> ModelComponents:
-    from ldm.models.latent_diffusion import LatentDiffusion
-
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    # The run may have trained without the VAE's encoder (precomputed latents); whoever loads it now says.
-    model = LatentDiffusion(**{**hparams, "vae_encoder": vae_encoder})
-    state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
-    model.load_trained_state(state, str(path))
-    model.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32
-    image_size = ckpt.get("ldm_image_size") or ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
-    vae_config = {**model.vae_config, "scaling_factor": float(model.scaling_factor)}
-    return ModelComponents(model.unet.eval(), model.autoencoder.eval(), model.text_encoder.eval(), model.schedule, model.prediction_type,
-                           float(model.scaling_factor), image_size, model.unet_config, vae_config, model.sampler_config)

@@ -1,8 +1,8 @@
 """A Stable Diffusion single file as a whole model: build UNet, VAE and text encoder from it, or write one.
 
 Reading (:func:`read_sd_single_file`) works on files from anywhere: the UNet, VAE and CLIP configs are
-inferred from tensor shapes (:func:`~ldm.interop.sd_checkpoint.detect_sd_variant`,
-:func:`~ldm.interop.vae_keys.vae_config_from_state_dict`, :func:`~ldm.interop.clip_keys.clip_config_from_state`),
+inferred from tensor shapes (:func:`~ldm.formats.sd_checkpoint.detect_sd_variant`,
+:func:`~ldm.formats.vae_keys.vae_config_from_state_dict`, :func:`~ldm.formats.clip_keys.clip_config_from_state`),
 the text encoder from its layout (SD v1: OpenAI CLIP, last layer; SD v2: OpenCLIP, penultimate layer).
 What shapes cannot tell comes, first to last, from the caller's arguments, from the ``ldm.model``
 entry of the safetensors header (written by :func:`write_sd_single_file`: exact configs, schedule,
@@ -28,15 +28,15 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion.sampler_config import SamplerConfig
-from ldm.interop.clip_keys import (
+from ldm.formats.clip_keys import (
     clip_config_from_state,
     openclip_to_transformers,
     sd_v1_clip_to_transformers,
     transformers_to_openclip,
     transformers_to_sd_v1_clip,
 )
-from ldm.interop.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
-from ldm.interop.vae_keys import vae_config_from_state_dict
+from ldm.formats.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
+from ldm.formats.vae_keys import vae_config_from_state_dict
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel

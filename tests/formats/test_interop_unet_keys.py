@@ -6,7 +6,7 @@ import pytest
 import torch
 from interop_helpers import SD2_DIFFUSERS, SD15_DIFFUSERS, TINY_V1, TINY_V2, randomize_
 
-from ldm.interop.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
+from ldm.formats.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
 from ldm.nn.unet import UNetModel
 
 SD15_OURS = dict(

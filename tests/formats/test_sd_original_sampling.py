@@ -25,8 +25,8 @@ import pytest
 import torch
 from test_sd_single_file import V1_UNET, V2_UNET, _reference, tokenizer_dir  # noqa: F401  (fixture)
 
-from ldm.interop import save_sd_checkpoint
-from ldm.interop.clip_keys import transformers_to_openclip
+from ldm.formats import save_sd_checkpoint
+from ldm.formats.clip_keys import transformers_to_openclip
 from ldm.pipeline import LatentDiffusionPipeline
 
 PROMPTS = ["a red circle", "a photo of a cat"]

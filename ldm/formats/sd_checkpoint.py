@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ldm.interop.clip_keys import transformers_to_sd_v1_clip
+from ldm.formats.clip_keys import transformers_to_sd_v1_clip
 from ldm.nn.unet import UNetModel
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import torch
 from interop_helpers import randomize_, tiny_clip_config
 from transformers import CLIPTextModel
 
-from ldm.interop.clip_keys import sd_v1_clip_to_transformers
-from ldm.interop.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
+from ldm.formats.clip_keys import sd_v1_clip_to_transformers
+from ldm.formats.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.unet import UNetModel
 

@@ -11,9 +11,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.data.tokenizer import train_clip_tokenizer
 from ldm.diffusion import NoiseSchedule
-from ldm.interop import load_sd_checkpoint, save_sd_checkpoint
-from ldm.interop.clip_keys import transformers_to_openclip, transformers_to_sd_v1_clip
-from ldm.interop.sd_single_file import SD_SAMPLER, read_sd_single_file
+from ldm.formats import load_sd_checkpoint, save_sd_checkpoint
+from ldm.formats.clip_keys import transformers_to_openclip, transformers_to_sd_v1_clip
+from ldm.formats.sd_single_file import SD_SAMPLER, read_sd_single_file
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
@@ -137,7 +137,7 @@ def test_our_export_round_trips_bit_identical(tmp_path, tokenizer_dir, hidden_ac
 def test_missing_tokenizer_and_unknown_layouts_are_clear_errors(tmp_path, tokenizer_dir, monkeypatch):
     ref = _reference(tokenizer_dir, V1_UNET, "quick_gelu", "last")
     path = save_sd_checkpoint(tmp_path / "v1.safetensors", ref.unet.state_dict(), ref.vae.state_dict(), ref.text_encoder.model.state_dict())
-    monkeypatch.setattr("ldm.interop.sd_single_file.DEFAULT_TOKENIZERS", {"v1": "./no/such/tokenizer", "v2": "./none"})
+    monkeypatch.setattr("ldm.formats.sd_single_file.DEFAULT_TOKENIZERS", {"v1": "./no/such/tokenizer", "v2": "./none"})
     with pytest.raises(OSError, match="tokenizer="):
         LatentDiffusionPipeline.from_pretrained(path)
 
@@ -165,13 +165,13 @@ def _foreign_file(ref: LatentDiffusionPipeline, path):
 
 def test_prediction_type_argument_reaches_the_single_file_reader(tmp_path, tokenizer_dir, caplog):
     path = _foreign_file(_reference(tokenizer_dir, V2_UNET, "gelu", "penultimate"), tmp_path / "v2-768-v.safetensors")
-    with caplog.at_level("WARNING", logger="ldm.interop.sd_single_file"):
+    with caplog.at_level("WARNING", logger="ldm.formats.sd_single_file"):
         pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, prediction_type="v_prediction")
     assert (pipe.prediction_type, pipe.sample_size) == ("v_prediction", 768)  # 768-v: the default size follows
     assert "prediction_type" not in caplog.text  # no warning asking for the argument that was given
     assert LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, prediction_type="v").sample_size == 768
     # Without it: epsilon at 512 (SD 2.x base), with the warning that names the argument.
-    with caplog.at_level("WARNING", logger="ldm.interop.sd_single_file"):
+    with caplog.at_level("WARNING", logger="ldm.formats.sd_single_file"):
         pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
     assert (pipe.prediction_type, pipe.sample_size) == ("epsilon", 512) and "prediction_type='v_prediction'" in caplog.text
     # The same from a sidecar YAML; the argument wins over it, size included.

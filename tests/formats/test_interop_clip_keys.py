@@ -6,7 +6,7 @@ import torch
 from interop_helpers import randomize_, tiny_clip_config
 from transformers import CLIPTextModel
 
-from ldm.interop.clip_keys import clip_state_prefix, openclip_to_transformers, sd_v1_clip_to_transformers, transformers_to_sd_v1_clip
+from ldm.formats.clip_keys import clip_state_prefix, openclip_to_transformers, sd_v1_clip_to_transformers, transformers_to_sd_v1_clip
 
 
 def to_openclip(state_dict: dict[str, torch.Tensor], projection_dim: int) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ldm.interop._prefix_map import invert, rename_by_prefix
+from ldm.formats._prefix_map import invert, rename_by_prefix
 from ldm.nn.unet import UNetModel
 
 _DEFAULTS = {

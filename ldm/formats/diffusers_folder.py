@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ldm.interop.sd_checkpoint import _contiguous_unshared
-from ldm.interop.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
-from ldm.interop.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
+from ldm.formats.sd_checkpoint import _contiguous_unshared
+from ldm.formats.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
+from ldm.formats.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
 
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write; any recent diffusers reads them
 WEIGHTS_NAME = "diffusion_pytorch_model"

@@ -15,15 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.diffusion import SAMPLERS, NoiseSchedule, SamplerConfig, noise_to_step, sample
-from ldm.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
-from ldm.models.components import ModelComponents, load_components, vae_kwargs
-from ldm.models.pretrained import write_pipeline_folder
-from ldm.models.sampling import guided_denoiser
+from ldm.pipeline.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
+from ldm.formats.components import ModelComponents, load_components, vae_kwargs
+from ldm.formats.ldm_folder import write_pipeline_folder
+from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
-from ldm.pipeline_memory import tiled_decode
+from ldm.pipeline.memory import tiled_decode
 
 # Samplers that draw fresh noise at every step: for these, images of a batch are sampled one by one so
 # that each image depends only on its own seed.
@@ -85,7 +85,7 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_components(cls, parts: ModelComponents) -> "LatentDiffusionPipeline":
-        """A pipeline over already-loaded :class:`~ldm.models.components.ModelComponents`."""
+        """A pipeline over already-loaded :class:`~ldm.formats.components.ModelComponents`."""
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.prediction_type, parts.scaling_factor,
                    parts.sample_size, parts.unet_config, parts.vae_config, parts.sampler_config)
 
@@ -103,8 +103,8 @@ class LatentDiffusionPipeline:
                                          self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size,
                                          self.sampler_config)
         if format == "diffusers":
-            from ldm.interop import write_diffusers_folder
-            from ldm.interop.diffusers_folder import last_layer_text_encoder
+            from ldm.formats import write_diffusers_folder
+            from ldm.formats.diffusers_folder import last_layer_text_encoder
 
             text_model = last_layer_text_encoder(self.text_encoder.model, self.text_encoder.layer)
             return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), vae_kwargs(self.vae_config),
@@ -113,7 +113,7 @@ class LatentDiffusionPipeline:
                                           scheduler_class="DPMSolverMultistepScheduler", prediction_type=self.prediction_type,
                                           vae_scaling_factor=self.scaling_factor, sample_size=self.sample_size // self.vae.downsampling_factor)
         if format == "sd":
-            from ldm.interop.sd_single_file import write_sd_single_file
+            from ldm.formats.sd_single_file import write_sd_single_file
 
             path = Path(path)
             if path.suffix != ".safetensors":

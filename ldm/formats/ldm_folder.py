@@ -1,4 +1,4 @@
-"""``save_pretrained`` / ``from_pretrained`` for our LightningModules: ``config.json`` + safetensors files.
+"""Our model folders: ``config.json`` + safetensors files (one model), and the pipeline folder that holds them.
 
 A model folder holds the constructor arguments (``config.json``, plus any extra values the model
 measured, such as the latent scaling factor) and one or more ``*.safetensors`` weight files. Loading
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ldm.diffusion.sampler_config import SamplerConfig
 
 CONFIG_NAME = "config.json"
+VAE_WEIGHTS = "model.safetensors"  # the weights file of a model folder (the autoencoder's, the UNet's)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,157 @@
+"""A ``LatentDiffusion`` run's model, from its hyper-parameters and from its Lightning ``.ckpt``, without Lightning.
+
+``LatentDiffusion`` builds its parts with :func:`components_from_hparams` and :func:`prepare_for_training`, and
+this reader builds the same parts the same way, then loads the checkpoint's ``state_dict`` into them: no import of
+the LightningModule (no cycle between the format layer and the training layer) and no Lightning at inference.
+
+A fine-tune's checkpoint (``init_from``) may omit every frozen weight, and any run's may omit the VAE's (both are
+re-read from their sources); :func:`restorable_keys` says which keys may be missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
+from ldm.formats.components import ModelComponents, load_components, vae_kwargs
+from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder
+from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
+from ldm.nn.text_encoder import LAYERS, TextEncoder
+from ldm.nn.unet import UNetModel
+
+__all__ = ["components_from_hparams", "frozen_state_keys", "check_only_frozen_missing", "prepare_for_training",
+           "read_lightning_checkpoint", "restorable_keys"]
+
+
+def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> ModelComponents:
+    """The parts a ``LatentDiffusion`` with hyper-parameters ``h`` starts from: ``init_from``'s model, or a new UNet
+    (``unet`` config) on a trained VAE folder (``autoencoder``) and a text encoder (``text_encoder`` or a small one
+    from ``tokenizer`` + ``text_encoder_config``). ``vae_encoder=False`` builds the VAE without its encoder."""
+    init_from = h.get("init_from")
+    if init_from is not None:
+        given = [name for name in ("autoencoder", "unet", "text_encoder") if h.get(name) is not None]
+        if given:
+            raise ValueError(f"init_from={init_from!r} brings its own VAE, UNet and text encoder; leave out {given}")
+        if h.get("schedule") is not None:
+            raise ValueError("with init_from the noise schedule is the model's; leave out schedule")
+        parts = load_components(init_from, use_ema=h.get("init_from_ema", True), prediction_type=h.get("prediction_type"),
+                                tokenizer=h.get("tokenizer"), vae_encoder=vae_encoder)
+        layer = h.get("text_encoder_layer")
+        if layer is not None:
+            if layer not in LAYERS:
+                raise ValueError(f"text_encoder_layer={layer!r}; use one of {LAYERS}")
+            parts.text_encoder.layer = layer
+        return parts
+    autoencoder, unet = h.get("autoencoder"), h.get("unet")
+    if autoencoder is None or unet is None:
+        raise ValueError("give autoencoder (a VAE folder) and unet (its config) to train a new model, or init_from "
+                         "(an SD checkpoint, diffusers folder or ldm model) to fine-tune")
+    vae_config, folder = read_model_folder(autoencoder, "AutoencoderKL")
+    vae = KLAutoencoder(**vae_kwargs(vae_config), with_encoder=vae_encoder)
+    vae.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+    layer = h.get("text_encoder_layer")
+    if h.get("text_encoder") is not None:
+        text_encoder = TextEncoder.from_pretrained(h["text_encoder"], layer=layer)
+    elif h.get("tokenizer") is not None:
+        text_encoder = TextEncoder.from_config(h["tokenizer"], layer=layer or "last", **(h.get("text_encoder_config") or {}))
+    else:
+        raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
+    unet_config = {"context_dim": text_encoder.hidden_size, "in_channels": vae.latent_channels,
+                   "out_channels": vae.latent_channels, **unet}
+    schedule = NoiseSchedule(h.get("schedule") or "scaled_linear", h.get("num_timesteps", 1000), h.get("beta_start", 0.00085),
+                             h.get("beta_end", 0.012), h.get("zero_terminal_snr", False))
+    return ModelComponents(UNetModel(**unet_config), vae.eval(), text_encoder, schedule,
+                           normalize_prediction_type(h.get("prediction_type") or "epsilon"),
+                           float(vae_config.get("scaling_factor", 1.0)), None, unet_config, vae_config, SamplerConfig())
+
+
+def prepare_for_training(model: nn.Module, h: Mapping[str, Any]) -> None:
+    """Freeze what ``h`` does not train and add its LoRA adapters, on ``model.unet``/``.autoencoder``/``.text_encoder``."""
+    model.autoencoder.eval().requires_grad_(False)
+    model.unet.train().requires_grad_(True)
+    if not h.get("train_text_encoder", False):
+        model.text_encoder.freeze()
+    rank = h.get("lora_rank", 0)
+    if rank > 0:
+        alpha, dropout = h.get("lora_alpha"), h.get("lora_dropout", 0.0)
+        add_lora(model.unet, rank=rank, alpha=alpha, target_modules=h.get("lora_targets", list(UNET_TARGETS)), dropout=dropout)
+        if h.get("lora_text_encoder", False):
+            add_lora(model.text_encoder.model, rank=rank, alpha=alpha, target_modules=TEXT_ENCODER_TARGETS, dropout=dropout)
+    elif h.get("lora_text_encoder", False):
+        raise ValueError("lora_text_encoder needs lora_rank > 0")
+
+
+def frozen_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of ``module`` other than trainable parameters and top-level buffers (e.g. a scaling factor)."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k for k in module.state_dict() if k not in trainable and "." in k}
+
+
+def restorable_keys(module: nn.Module, h: Mapping[str, Any]) -> set[str]:
+    """Keys a checkpoint of ``module`` may omit: construction re-read them from the sources. With ``init_from`` every
+    frozen weight, else the VAE's (a run without the VAE's encoder writes checkpoints without it)."""
+    if h.get("init_from") is not None:
+        return frozen_state_keys(module)
+    return {k for k in module.state_dict() if k.startswith("autoencoder.")}
+
+
+def check_only_frozen_missing(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                              restorable: set[str] | None = None) -> None:
+    """Raise unless ``state`` holds every weight of ``module`` other than ``restorable`` (default: its frozen
+    weights) and nothing it lacks.
+
+    Raises:
+        ValueError: naming the missing trained keys and the unexpected ones.
+    """
+    expected = set(module.state_dict())
+    restorable = frozen_state_keys(module) if restorable is None else restorable
+    not_frozen = (expected - set(state)) - restorable
+    unexpected = set(state) - expected
+    if not_frozen or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing trained weights {sorted(not_frozen)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+def without_dropped_encoder(vae: KLAutoencoder, state: Mapping[str, torch.Tensor], prefix: str = "autoencoder.") -> dict:
+    """``state`` less the VAE encoder's weights when ``vae`` has none (a run that had one wrote them)."""
+    if vae.encoder is None:
+        dropped = {f"{prefix}{k}" for k in vae.encoder_state_spec}
+        return {k: v for k, v in state.items() if k not in dropped}
+    return dict(state)
+
+
+class _RunModules(nn.Module):
+    """A ``LatentDiffusion``'s modules under its state-dict names, without the LightningModule."""
+
+    def __init__(self, parts: ModelComponents):
+        super().__init__()
+        self.unet, self.autoencoder, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
+
+
+def read_lightning_checkpoint(path: Path, ckpt: Mapping[str, Any], use_ema: bool = True,
+                              vae_encoder: bool = True) -> ModelComponents:
+    """The model in a ``LatentDiffusion`` checkpoint (``ckpt``, already read with ``weights_only=True``): EMA weights
+    (the ``state_dict``) unless ``use_ema`` is false and the raw ones were kept; fp32; LoRA adapters unmerged."""
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    parts = components_from_hparams(hparams, vae_encoder)
+    modules = _RunModules(parts)
+    prepare_for_training(modules, hparams)
+    state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+    state = without_dropped_encoder(parts.vae, state)
+    check_only_frozen_missing(modules, state, str(path), restorable_keys(modules, hparams))
+    modules.load_state_dict(state, strict=False)
+    modules.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32
+    image_size = ckpt.get("ldm_image_size") or ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
+    parts.scaling_factor = float(modules.scaling_factor)
+    parts.vae_config = {**parts.vae_config, "scaling_factor": parts.scaling_factor}
+    parts.sample_size = image_size
+    parts.unet.eval()
+    parts.text_encoder.eval()
+    return parts
