@@ -242,10 +242,7 @@ def _generate_main(args: list[str]) -> None:
     parser.add_argument("--model", required=True, help="ldm or diffusers folder (e.g. checkpoints/demo), LatentDiffusion .ckpt or SD single file")
     _add_loading_args(parser)
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    parser.add_argument("--steps", type=int, default=25, help="sampler steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, dpmpp_2m, euler, euler_a or heun")
-    parser.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, heun, dpmpp_2m)")
+    _add_sampling_args(parser, steps=25, karras=True)
     parser.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i); random if omitted")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's training size)")
@@ -309,10 +306,14 @@ def _convert_main(args: list[str]) -> None:
     print(f"Wrote {pipe.save_pretrained(ns.dst, format=ns.to)} ({ns.to})")
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
+def _add_sampling_args(parser: argparse.ArgumentParser, steps: int = 20, karras: bool = False) -> None:
+    from ldm.diffusion.sampler_registry import KARRAS_SAMPLERS, SAMPLER_REGISTRY
+
+    parser.add_argument("--steps", type=int, default=steps, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    parser.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLER_REGISTRY), help="sampler (default: dpmpp_2m)")
+    if karras:
+        parser.add_argument("--karras", action="store_true", help=f"Karras sigmas ({', '.join(KARRAS_SAMPLERS)})")
 
 
 def _evaluate_main(args: list[str]) -> None:

@@ -23,6 +23,7 @@ from ldm.data.precomputed import EMPTY_PROMPT_ID, FORMAT, SPLITS, TEXT_DIR
 from ldm.data.precomputed_writer import PrecomputedWriter, caption_items, image_items
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.formats.components import ModelComponents, load_components
+from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 
@@ -52,7 +53,7 @@ def load_frozen_encoders(vae: str | Path, text_encoder: str | None = None, text_
         vae: A folder written by ``AutoencoderKL.save_pretrained``, or any model :func:`load_components` reads (an
             ldm export, a diffusers folder, a LatentDiffusion ``.ckpt``, an SD single file): then its VAE.
         text_encoder: None (no text embeddings); ``"same"``: the text encoder of the model ``vae`` names (not
-            with a VAE folder); else a CLIP text encoder folder or hub id ``TextEncoder.from_pretrained`` reads
+            with a VAE folder); else a CLIP text encoder folder or hub id ``load_text_encoder`` reads
             (e.g. an ldm or diffusers model folder, whose ``text_encoder/`` and ``tokenizer/`` are used).
         text_encoder_layer: ``last`` or ``penultimate``; None: the one recorded with the text encoder.
 
@@ -64,7 +65,7 @@ def load_frozen_encoders(vae: str | Path, text_encoder: str | None = None, text_
     config_file = path / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKL":
         model = AutoencoderKL.from_pretrained(path, disc_weight=0.0)
-        module, scaling, size = model.vae, float(model.scaling_factor), model.hparams.get("resolution")
+        module, scaling, size = model.vae, float(model.scaling_factor), model.vae.config.resolution
     else:
         try:
             parts = load_components(path)
@@ -81,7 +82,7 @@ def load_frozen_encoders(vae: str | Path, text_encoder: str | None = None, text_
         if text_encoder_layer is not None:
             encoder.layer = text_encoder_layer
     elif text_encoder is not None:
-        encoder = TextEncoder.from_pretrained(text_encoder, layer=text_encoder_layer)
+        encoder = load_text_encoder(text_encoder, layer=text_encoder_layer)
     if encoder is not None:
         encoder.freeze()
     return module.eval().requires_grad_(False), scaling, size, encoder

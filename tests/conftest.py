@@ -28,12 +28,13 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 
 # A few-thousand-parameter autoencoder: f=4, 8x8x4 latents from 32x32 images.
-TINY_VAE = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, resolution=32, z_channels=4, norm_groups=4, disc_ndf=8, disc_layers=2)
+TINY_VAE_SHAPE = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, resolution=32, z_channels=4, norm_groups=4)
+TINY_VAE = dict(vae=TINY_VAE_SHAPE, disc_ndf=8, disc_layers=2)  # AutoencoderKL arguments
 
 
 @pytest.fixture
 def tiny_vae_kwargs() -> dict:
-    return dict(TINY_VAE)
+    return {**TINY_VAE, "vae": dict(TINY_VAE_SHAPE)}
 
 
 # A tiny text-conditional UNet (f=4 latents of 8x8x4 from the tiny VAE).

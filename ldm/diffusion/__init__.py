@@ -13,6 +13,7 @@ from ldm.diffusion.parameterization import (
 )
 from ldm.diffusion.euler import sample_euler, sample_euler_ancestral, sample_heun
 from ldm.diffusion.sampler_config import FINAL_SIGMAS_TYPES, SamplerConfig
+from ldm.diffusion.sampler_registry import SAMPLER_REGISTRY, SamplerInfo, sampler_info
 from ldm.diffusion.samplers import Denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from ldm.diffusion.sampling import KARRAS_SAMPLERS, SAMPLERS, noise_to_step, sample, sampler_timesteps
 from ldm.diffusion.sigmas import karras_sigmas
@@ -26,11 +27,13 @@ __all__ = [
     "LOSS_WEIGHTINGS",
     "PREDICTION_TYPES",
     "SAMPLERS",
+    "SAMPLER_REGISTRY",
     "TIMESTEP_CONVENTIONS",
     "TIMESTEP_SPACINGS",
     "Denoiser",
     "NoiseSchedule",
     "SamplerConfig",
+    "SamplerInfo",
     "classifier_free_guidance",
     "eps_from_output",
     "guided_denoiser",
@@ -49,6 +52,7 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_heun",
     "sample_latents",
+    "sampler_info",
     "sampler_timesteps",
     "sampling_timesteps",
     "training_target",

@@ -51,5 +51,6 @@ def sample_latents(
     if noise is None:
         noise = torch.randn((context.shape[0], *latent_shape), generator=generator, device=context.device)
     denoiser = guided_denoiser(unet, context, uncond_context, guidance_scale)
+    # ``sample`` hands the generator only to samplers that draw noise (eta is 0 here, so DDIM does not).
     return sample(sampler, denoiser, noise.float(), schedule, num_steps, prediction_type=prediction_type, config=config,
-                  generator=generator if sampler in ("ddpm", "euler_a") else None)
+                  generator=generator)

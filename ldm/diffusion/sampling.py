@@ -1,4 +1,5 @@
-"""The sampler registry and one entry point that lays out each sampler's timesteps as diffusers does.
+"""One entry point that runs a named sampler (see :mod:`ldm.diffusion.sampler_registry`) and lays out its
+timesteps as diffusers does.
 
 ``sample(name, denoiser, noise, schedule, num_steps, ...)`` runs a named sampler from standard-normal noise
 (text-to-image) or, with ``start_step > 0``, from ``noise_to_step(...)`` (img2img / inpainting: the first
@@ -7,43 +8,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ldm.diffusion.euler import sample_euler, sample_euler_ancestral, sample_heun
 from ldm.diffusion.sampler_config import SamplerConfig
-from ldm.diffusion.samplers import Denoiser, StepCallback, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion.sampler_registry import KARRAS_SAMPLERS, SAMPLERS, SamplerInfo, sampler_info
+from ldm.diffusion.samplers import Denoiser, StepCallback
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.sigmas import dpmsolver_sigmas, euler_sigmas
 from ldm.diffusion.timesteps import sampling_timesteps
 
 __all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "noise_to_step", "sample", "sampler_timesteps"]
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "heun": sample_heun,
-}
-# The timestep layout (``sampling_timesteps`` convention) of each sampler's diffusers scheduler.
-_CONVENTION = {"ddpm": "ddim", "ddim": "ddim", "dpmpp_2m": "dpmsolver", "euler": "euler", "euler_a": "euler", "heun": "euler"}
-KARRAS_SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "heun")
-_SIGMA_SPACE = ("euler", "euler_a", "heun")
-_STOCHASTIC = ("ddpm", "euler_a")
 
-
-def _check(name: str, num_steps: int, start_step: int, karras: bool) -> None:
-    if name not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+def _check(name: str, num_steps: int, start_step: int, karras: bool) -> SamplerInfo:
+    info = sampler_info(name)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 0 <= start_step < num_steps:
         raise ValueError(f"start_step must lie in [0, {num_steps - 1}] for num_steps={num_steps}, got {start_step}")
-    if karras and name not in KARRAS_SAMPLERS:
+    if karras and not info.supports_karras:
         raise ValueError(f"Karras sigmas are not supported by sampler {name!r}; they are by {', '.join(KARRAS_SAMPLERS)}")
+    return info
 
 
 def sampler_timesteps(
@@ -54,8 +39,8 @@ def sampler_timesteps(
     Raises:
         ValueError: for an unknown sampler name, spacing or ``num_steps`` outside ``[1, T]``.
     """
-    _check(name, num_steps, 0, False)
-    return sampling_timesteps(schedule, num_steps, spacing, steps_offset, convention=_CONVENTION[name])
+    convention = _check(name, num_steps, 0, False).convention
+    return sampling_timesteps(schedule, num_steps, spacing, steps_offset, convention=convention)
 
 
 def sample(
@@ -72,7 +57,8 @@ def sample(
     callback: StepCallback | None = None,
     start_step: int = 0,
 ) -> torch.Tensor:
-    """Run sampler ``name`` (one of :data:`SAMPLERS`) for ``num_steps`` steps and return the denoised sample.
+    """Run sampler ``name`` (one of :data:`~ldm.diffusion.sampler_registry.SAMPLER_REGISTRY`) for ``num_steps``
+    steps and return the denoised sample.
 
     Args:
         name: ``"ddpm"``, ``"ddim"``, ``"dpmpp_2m"``, ``"euler"``, ``"euler_a"`` or ``"heun"``.
@@ -97,25 +83,25 @@ def sample(
         ValueError: unknown sampler (the message lists the names), ``num_steps < 1``, ``start_step`` out of range,
             ``karras`` for ddpm/ddim, or ``eta != 0`` for a sampler other than ddim.
     """
-    _check(name, num_steps, start_step, karras)
-    if eta != 0 and name != "ddim":
+    info = _check(name, num_steps, start_step, karras)
+    if eta != 0 and not info.takes_eta:
         raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
     timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
     kwargs: dict = {"callback": callback, "start_step": start_step}
-    if name in KARRAS_SAMPLERS:
+    if info.supports_karras:
         kwargs["use_karras_sigmas"] = karras
-    if name in _SIGMA_SPACE:
+    if info.space == "sigma":
         kwargs["spacing"] = config.timestep_spacing
-    if name in _STOCHASTIC:
+    if info.stochastic or info.takes_eta:
         kwargs["generator"] = generator
-    if name == "ddim":
+    if info.takes_eta:  # DDIM
         final_alpha = 1.0 if config.set_alpha_to_one else float(schedule.alphas_cumprod[0])
-        kwargs.update(eta=eta, generator=generator, final_alpha_cumprod=final_alpha)
-    if name in ("dpmpp_2m", "euler"):
+        kwargs.update(eta=eta, final_alpha_cumprod=final_alpha)
+    if info.takes_final_sigmas_type:
         kwargs["final_sigmas_type"] = config.final_sigmas_type
     if name == "dpmpp_2m":
         kwargs.update(lower_order_final=config.lower_order_final, euler_at_final=config.euler_at_final)
-    return SAMPLERS[name](denoiser, noise, schedule, timesteps, prediction_type, **kwargs)
+    return info.function(denoiser, noise, schedule, timesteps, prediction_type, **kwargs)
 
 
 def noise_to_step(
@@ -142,12 +128,12 @@ def noise_to_step(
     Raises:
         ValueError: as :func:`sample`.
     """
-    _check(name, num_steps, start_step, karras)
+    convention = _check(name, num_steps, start_step, karras).convention
     timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
-    if name in ("ddpm", "ddim"):
+    if convention == "ddim":
         t = torch.full((x0.shape[0],), int(timesteps[start_step]), dtype=torch.long)
         return schedule.add_noise(x0, noise, t)
-    if name == "dpmpp_2m":
+    if convention == "dpmsolver":
         sigma = dpmsolver_sigmas(schedule, timesteps, karras)[1][start_step]
     else:
         sigma = euler_sigmas(schedule, timesteps, karras)[1][start_step]

@@ -122,14 +122,25 @@ class NoiseSchedule:
         ndim: int = 4,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        fractional: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha_t, sigma_t)`` for integer timesteps ``t`` of shape (B,), each shaped (B, 1, ..., 1).
 
         ``ndim`` is the rank of the tensors they will multiply; ``device`` defaults to ``t``'s device.
+        ``fractional``: ``t`` may be fractional (the float timesteps that sigma-space samplers hand the denoiser):
+        ``alphas_cumprod`` is interpolated linearly between the integer timesteps around ``t``, with ``t`` clamped
+        to ``[0, T - 1]``, on ``device``; without it, a timestep outside ``[0, T - 1]`` raises ``IndexError``.
         """
         t = torch.as_tensor(t)
         device = t.device if device is None else device
-        ac = self._gather(t)
+        if fractional:
+            table = self.alphas_cumprod.to(device)
+            tf = t.to(device, torch.float64).clamp(0, len(table) - 1)
+            lo = tf.floor().long()
+            hi = (lo + 1).clamp(max=len(table) - 1)
+            ac = table[lo] + (table[hi] - table[lo]) * (tf - lo)
+        else:
+            ac = self._gather(t)
         shape = (-1,) + (1,) * (ndim - 1)
         alpha = ac.sqrt().view(shape).to(device=device, dtype=dtype)
         sigma = (1.0 - ac).sqrt().view(shape).to(device=device, dtype=dtype)

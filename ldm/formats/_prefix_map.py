@@ -1,4 +1,4 @@
-"""Rename state-dict keys by a table of module prefixes (shared by the UNet and VAE key maps)."""
+"""Rename state-dict keys and module paths by a table of module prefixes (shared by the UNet and VAE key maps)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,7 @@ def rename_by_prefix(
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, value in state_dict.items():
-        new: str | None = None
-        pos = len(key)
-        while (pos := key.rfind(".", 0, pos)) > 0:
-            target = prefixes.get(key[: pos + 1])
-            if target is not None:
-                new = target + key[pos + 1 :]
-                break
+        new = rename_path(key, prefixes)
         if new is None:
             unknown.append(key)
             continue
@@ -38,6 +32,17 @@ def rename_by_prefix(
             "check that the configuration matches the checkpoint"
         )
     return out
+
+
+def rename_path(path: str, prefixes: Mapping[str, str]) -> str | None:
+    """``path`` (a module path or a parameter key) renamed by the longest matching prefix; ``None`` if none matches."""
+    dotted = path + "."
+    pos = len(dotted)
+    while (pos := dotted.rfind(".", 0, pos)) > 0:
+        target = prefixes.get(dotted[: pos + 1])
+        if target is not None:
+            return (target + dotted[pos + 1 :])[:-1]
+    return None
 
 
 def invert(prefixes: Mapping[str, str]) -> dict[str, str]:

@@ -53,6 +53,16 @@ def _strip(key: str, prefix: str) -> str:
     return key[len(prefix) :] if key.startswith(prefix) else key
 
 
+def transformers_to_diffusers_clip_name(name: str) -> str:
+    """A ``CLIPTextModel`` module path or key (v4 or v5) as diffusers writes it: with the ``text_model.`` level."""
+    return "text_model." + _strip(name, "text_model.")
+
+
+def diffusers_to_transformers_clip_name(name: str) -> str:
+    """A diffusers text-encoder module path or key (with or without ``text_model.``) in the installed ``CLIPTextModel``."""
+    return clip_state_prefix() + _strip(name, "text_model.")
+
+
 def sd_v1_clip_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD v1 ``cond_stage_model.*`` weights (with or without that prefix) -> installed ``CLIPTextModel`` keys.
 

@@ -22,12 +22,11 @@ import torch
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
 from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder
+from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
-
-VAE_ARGS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "dropout",
-            "mid_attention", "norm_groups")
 
 
 @dataclass
@@ -44,14 +43,6 @@ class ModelComponents:
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
     sampler_config: SamplerConfig = SamplerConfig()
-
-
-def vae_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    """``KLAutoencoder`` keyword arguments from an ``AutoencoderKL``-style (or ``KLAutoencoder``) config."""
-    kwargs = {k: config[k] for k in VAE_ARGS if k in config}
-    kwargs["out_channels"] = config.get("out_channels", config.get("in_channels", 3))
-    kwargs["embed_dim"] = config.get("embed_dim", config.get("z_channels", 4))
-    return kwargs
 
 
 def load_components(path: str | Path, use_ema: bool = True, prediction_type: str | None = None,
@@ -107,9 +98,9 @@ def _from_folder(folder: Path, vae_encoder: bool) -> ModelComponents:
     unet = UNetModel(**unet_config)
     unet.load_state_dict(load_weights(folder / "unet", "model.safetensors"))
     vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
-    vae = KLAutoencoder(**vae_kwargs(vae_config), with_encoder=vae_encoder)
+    vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
     vae.load_state_dict(load_weights(folder / "vae", VAE_WEIGHTS))
-    text_encoder = TextEncoder.from_pretrained(str(folder), layer=index.get("text_encoder_layer"))
+    text_encoder = load_text_encoder(folder, layer=index.get("text_encoder_layer"))
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     prediction_type = sched.pop("prediction_type", "epsilon")
     sched.pop("_class_name", None)
@@ -130,7 +121,7 @@ def _from_diffusers(folder: Path, vae_encoder: bool) -> ModelComponents:
     vae = KLAutoencoder(**vae_config, with_encoder=vae_encoder)
     vae.load_state_dict(vae_state)
     # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
-    text_encoder = TextEncoder.from_pretrained(str(folder), layer="last")
+    text_encoder = load_text_encoder(folder, layer="last")
     sched = sched or {}
     config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
     latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64

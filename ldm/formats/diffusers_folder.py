@@ -2,7 +2,7 @@
 
 A folder holds ``model_index.json``, ``unet/`` and ``vae/`` (``config.json`` +
 ``diffusion_pytorch_model.safetensors``), ``text_encoder/`` and ``tokenizer/`` (transformers'
-own formats: load them with ``TextEncoder.from_pretrained``) and ``scheduler/scheduler_config.json``.
+own formats: load them with ``load_text_encoder``) and ``scheduler/scheduler_config.json``.
 diffusers itself is never imported.
 """
 

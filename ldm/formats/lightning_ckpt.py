@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
-from ldm.formats.components import ModelComponents, load_components, vae_kwargs
+from ldm.formats.components import ModelComponents, load_components
 from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder
+from ldm.formats.text_encoder_files import load_text_encoder, new_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig
 from ldm.nn.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
-from ldm.nn.text_encoder import LAYERS, TextEncoder
+from ldm.nn.text_encoder import LAYERS
 from ldm.nn.unet import UNetModel
 
-__all__ = ["components_from_hparams", "frozen_state_keys", "check_only_frozen_missing", "prepare_for_training",
+__all__ = ["components_from_hparams", "source_vae", "frozen_state_keys", "check_only_frozen_missing", "prepare_for_training",
            "read_lightning_checkpoint", "restorable_keys"]
 
 
@@ -52,14 +54,12 @@ def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> M
     if autoencoder is None or unet is None:
         raise ValueError("give autoencoder (a VAE folder) and unet (its config) to train a new model, or init_from "
                          "(an SD checkpoint, diffusers folder or ldm model) to fine-tune")
-    vae_config, folder = read_model_folder(autoencoder, "AutoencoderKL")
-    vae = KLAutoencoder(**vae_kwargs(vae_config), with_encoder=vae_encoder)
-    vae.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+    vae, vae_config = _vae_from_folder(autoencoder, vae_encoder)
     layer = h.get("text_encoder_layer")
     if h.get("text_encoder") is not None:
-        text_encoder = TextEncoder.from_pretrained(h["text_encoder"], layer=layer)
+        text_encoder = load_text_encoder(h["text_encoder"], layer=layer)
     elif h.get("tokenizer") is not None:
-        text_encoder = TextEncoder.from_config(h["tokenizer"], layer=layer or "last", **(h.get("text_encoder_config") or {}))
+        text_encoder = new_text_encoder(h["tokenizer"], layer=layer or "last", **(h.get("text_encoder_config") or {}))
     else:
         raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
     unet_config = {"context_dim": text_encoder.hidden_size, "in_channels": vae.latent_channels,
@@ -69,6 +69,21 @@ def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> M
     return ModelComponents(UNetModel(**unet_config), vae.eval(), text_encoder, schedule,
                            normalize_prediction_type(h.get("prediction_type") or "epsilon"),
                            float(vae_config.get("scaling_factor", 1.0)), None, unet_config, vae_config, SamplerConfig())
+
+
+def _vae_from_folder(path: str, vae_encoder: bool) -> tuple[KLAutoencoder, dict[str, Any]]:
+    config, folder = read_model_folder(path, "AutoencoderKL")
+    vae = KLAutoencoder(AutoencoderConfig.from_dict(config), with_encoder=vae_encoder)
+    vae.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+    return vae, config
+
+
+def source_vae(h: Mapping[str, Any]) -> KLAutoencoder:
+    """The whole VAE (encoder included) of hyper-parameters ``h``, re-read from its source: the ``autoencoder`` folder
+    (only the VAE is read) or ``init_from``'s model."""
+    if h.get("init_from") is not None:
+        return components_from_hparams(h).vae
+    return _vae_from_folder(h["autoencoder"], True)[0].eval()
 
 
 def prepare_for_training(model: nn.Module, h: Mapping[str, Any]) -> None:

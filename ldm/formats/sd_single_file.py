@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.diffusion.parameterization import normalize_prediction_type
 from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.formats.clip_keys import (
     clip_config_from_state,
@@ -36,6 +37,7 @@ from ldm.formats.clip_keys import (
     transformers_to_sd_v1_clip,
 )
 from ldm.formats.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
+from ldm.formats.text_encoder_files import load_clip_tokenizer
 from ldm.formats.vae_keys import vae_config_from_state_dict
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
@@ -49,7 +51,6 @@ SD_SCALING_FACTOR = 0.18215
 DEFAULT_TOKENIZERS = {"v1": "openai/clip-vit-large-patch14", "v2": "stabilityai/stable-diffusion-2-1"}
 # The original samplers: DDIM visits t = 1 + k * T // n and steps from the last one to alphas_cumprod[0].
 SD_SAMPLER = SamplerConfig(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
-_PREDICTION = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
 
 def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str) -> CLIPTokenizer:
     if explicit is not None:
-        return TextEncoder.load_tokenizer(explicit)
+        return load_clip_tokenizer(explicit)
     if stored:
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in stored.items():
@@ -143,7 +144,7 @@ def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str
             return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
     name = DEFAULT_TOKENIZERS[version]
     try:
-        return TextEncoder.load_tokenizer(name)
+        return load_clip_tokenizer(name)
     except OSError as error:
         raise OSError(
             f"an SD single file holds no tokenizer and {name!r} could not be loaded ({error}). Pass tokenizer= "
@@ -245,9 +246,10 @@ def read_sd_single_file(
     text_encoder = _text_encoder(parts["text_encoder"], layout, stored, text_encoder_layer, tok, path)
 
     prediction = prediction_type or stored.get("prediction_type") or sidecar.get("parameterization") or "epsilon"
-    if prediction not in _PREDICTION:
-        raise ValueError(f"prediction_type={prediction!r}; use 'epsilon' or 'v_prediction'")
-    prediction = _PREDICTION[prediction]
+    try:
+        prediction = normalize_prediction_type(prediction)
+    except ValueError:
+        raise ValueError(f"prediction_type={prediction!r}; use 'epsilon' or 'v_prediction'") from None
     schedule = stored.get("schedule")
     if schedule is None and "linear_start" in sidecar:
         schedule = {"kind": "scaled_linear", "num_timesteps": int(sidecar.get("timesteps", 1000)),

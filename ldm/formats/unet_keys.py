@@ -13,18 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from ldm.formats._prefix_map import invert, rename_by_prefix
-from ldm.nn.unet import UNetModel
+from ldm.formats._prefix_map import invert, rename_by_prefix, rename_path
+from ldm.nn.configs import UNetConfig
 
-_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(UNetModel.__init__).parameters.items() if p.default is not p.empty
-}
+_DEFAULTS = UNetConfig().to_dict()
 
 # diffusers ResnetBlock2D layer -> CompVis ResBlock layer.
 _RESNET = {
@@ -101,6 +98,35 @@ def diffusers_to_ldm_unet(state_dict: Mapping[str, torch.Tensor], config: Mappin
 def ldm_to_diffusers_unet(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Rename our ``UNetModel`` state dict to diffusers names; the exact inverse of :func:`diffusers_to_ldm_unet`."""
     return rename_by_prefix(state_dict, invert(_unet_prefixes(config)), "ldm UNet")
+
+
+def ldm_to_diffusers_unet_names(names: Iterable[str], config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers module paths (or parameter keys) of our ``UNetModel`` ones; names the map does not cover are left out.
+
+    Args:
+        names: Our module paths, e.g. ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``.
+        config: Our ``UNetModel`` keyword arguments, as for :func:`diffusers_to_ldm_unet`.
+    """
+    return _rename_paths(names, invert(_unet_prefixes(config)))
+
+
+def diffusers_to_ldm_unet_names(names: Iterable[str], config: Mapping[str, Any]) -> dict[str, str]:
+    """Our module paths (or parameter keys) of diffusers ``UNet2DConditionModel`` ones; the inverse of
+    :func:`ldm_to_diffusers_unet_names` (names it does not cover are left out)."""
+    return _rename_paths(names, _unet_prefixes(config))
+
+
+def _rename_paths(names: Iterable[str], table: Mapping[str, str]) -> dict[str, str]:
+    return {name: new for name in names if (new := rename_path(name, table)) is not None}
+
+
+def unet_config_of(unet: torch.nn.Module) -> dict[str, Any]:
+    """The block-layout keyword arguments of a built ``UNetModel`` (what the key maps need)."""
+    return {
+        "num_res_blocks": unet.num_res_blocks,
+        "channel_mult": unet.channel_mult,
+        "attention_resolutions": unet.attention_resolutions,
+    }
 
 
 _UNSUPPORTED_IF_SET = (

@@ -10,18 +10,15 @@ they are read too.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ldm.formats._prefix_map import invert, rename_by_prefix
-from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig
 
-_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(KLAutoencoder.__init__).parameters.items() if p.default is not p.empty
-}
+_DEFAULTS = AutoencoderConfig().to_dict()
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}

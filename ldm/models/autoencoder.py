@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ldm.models.image_logging import log_image_grid
 from ldm.formats.ldm_folder import VAE_WEIGHTS as WEIGHTS_NAME
 from ldm.formats.ldm_folder import load_weights, read_model_folder, write_model_folder
 from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +26,11 @@ DISCRIMINATOR_NAME = "discriminator.safetensors"
 class AutoencoderKL(pl.LightningModule):
     """KL-regularised autoencoder trained with reconstruction, KL and PatchGAN losses.
 
-    With ``ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4`` it is Stable Diffusion's VAE.
     Training uses manual optimisation with two Adam optimisers (autoencoder, discriminator).
 
     Args:
-        in_channels: Image channels.
-        ch: Base channel width of encoder and decoder.
-        ch_mult: Width multiplier per resolution level; ``len(ch_mult) - 1`` downsamplings, so
-            ``[1, 2, 4]`` gives a factor-4 autoencoder (32x32 images -> 8x8 latents).
-        num_res_blocks: Residual blocks per level (the decoder uses one more).
-        attn_resolutions: Feature-map sizes (relative to ``resolution``) that get self-attention.
-        resolution: Nominal training image size; only used to place ``attn_resolutions``.
-        z_channels: Latent channels.
-        dropout: Dropout inside residual blocks.
-        mid_attention: Self-attention in the bottleneck (as in SD).
-        norm_groups: GroupNorm groups (32 in SD); reduced automatically for narrow layers.
+        vae: Shape of the autoencoder (:class:`~ldm.nn.configs.AutoencoderConfig`: ``ch``, ``ch_mult``,
+            ``num_res_blocks``, ``z_channels``, ...); the defaults are Stable Diffusion's VAE.
         learning_rate: Adam learning rate of the autoencoder.
         disc_learning_rate: Adam learning rate of the discriminator (defaults to ``learning_rate``).
         adam_betas: Adam betas for both optimisers (SD uses 0.5, 0.9).
@@ -57,16 +49,7 @@ class AutoencoderKL(pl.LightningModule):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: list[int] = [1, 2, 4, 4],  # noqa: B006 (jsonargparse shows it in --help)
-        num_res_blocks: int = 2,
-        attn_resolutions: list[int] = [],  # noqa: B006
-        resolution: int = 256,
-        z_channels: int = 4,
-        dropout: float = 0.0,
-        mid_attention: bool = True,
-        norm_groups: int = 32,
+        vae: AutoencoderConfig = AutoencoderConfig(),  # noqa: B008 (frozen; jsonargparse shows it in --help)
         learning_rate: float = 1e-4,
         disc_learning_rate: float | None = None,
         adam_betas: tuple[float, float] = (0.5, 0.9),
@@ -84,20 +67,9 @@ class AutoencoderKL(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.vae = KLAutoencoder(
-            in_channels=in_channels,
-            out_channels=in_channels,
-            ch=ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions,
-            resolution=resolution,
-            z_channels=z_channels,
-            embed_dim=z_channels,
-            dropout=dropout,
-            mid_attention=mid_attention,
-            norm_groups=norm_groups,
-        )
+        config = vae if isinstance(vae, AutoencoderConfig) else AutoencoderConfig.from_dict(vae)
+        self.hparams["vae"] = config.to_dict()  # plain JSON in checkpoints (read back with weights_only=True)
+        self.vae = KLAutoencoder(config)
         self.loss = AutoencoderLoss(
             reconstruction_loss=reconstruction_loss,
             kl_weight=kl_weight,
@@ -106,7 +78,7 @@ class AutoencoderKL(pl.LightningModule):
             disc_weight=disc_weight,
             disc_ndf=disc_ndf,
             disc_layers=disc_layers,
-            in_channels=in_channels,
+            in_channels=config.in_channels,
         )
         self.register_buffer("scaling_factor", torch.tensor(1.0))
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
@@ -121,7 +93,7 @@ class AutoencoderKL(pl.LightningModule):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (clamped)."""
-        return self.vae.decode(latents / self.scaling_factor).clamp(-1.0, 1.0)
+        return self.vae.decode_scaled(latents, self.scaling_factor).clamp(-1.0, 1.0)
 
     # ----------------------------------------------------------------- training
     @property
@@ -215,9 +187,11 @@ class AutoencoderKL(pl.LightningModule):
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` (constructor arguments + scaling factor), ``model.safetensors`` (the
         autoencoder, with Stable Diffusion's key names) and ``discriminator.safetensors`` if any."""
-        # LightningCLI adds private entries such as `_class_path` to hparams: not constructor arguments.
-        args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
-        config = {"_class_name": type(self).__name__, **args, "scaling_factor": float(self.scaling_factor)}
+        # LightningCLI adds private entries such as `_class_path` to hparams: not constructor arguments. The shape is
+        # written flat, as folders always held it.
+        args = {k: v for k, v in self.hparams.items() if not k.startswith("_") and k != "vae"}
+        config = {"_class_name": type(self).__name__, **self.vae.config.to_dict(), **args,
+                  "scaling_factor": float(self.scaling_factor)}
         weights = {WEIGHTS_NAME: self.vae.state_dict()}
         if self.loss.discriminator is not None:
             weights[DISCRIMINATOR_NAME] = self.loss.discriminator.state_dict()
@@ -228,8 +202,9 @@ class AutoencoderKL(pl.LightningModule):
         """Rebuild a model written by :meth:`save_pretrained`; ``overrides`` replace config values."""
         config, folder = read_model_folder(path, cls.__name__)
         scaling_factor = config.pop("scaling_factor", 1.0)
-        config.pop("_class_name")
-        model = cls(**{**config, **overrides})
+        config = {**config, **overrides}
+        training = set(inspect.signature(cls.__init__).parameters) - {"self", "vae"}
+        model = cls(vae=AutoencoderConfig.from_dict(config), **{k: v for k, v in config.items() if k in training})
         model.vae.load_state_dict(load_weights(folder, WEIGHTS_NAME))
         if model.loss.discriminator is not None and (folder / DISCRIMINATOR_NAME).is_file():
             model.loss.discriminator.load_state_dict(load_weights(folder, DISCRIMINATOR_NAME))

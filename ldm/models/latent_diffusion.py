@@ -14,23 +14,25 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
-from ldm.diffusion import loss_weights, offset_noise, sample_latents, training_target
-from ldm.formats.components import load_components, vae_kwargs
-from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder, write_pipeline_folder
+from ldm.diffusion import SAMPLER_REGISTRY, loss_weights, offset_noise, sample_latents, training_target
+from ldm.formats.components import ModelComponents
 from ldm.formats.lightning_ckpt import (
     check_only_frozen_missing,
     components_from_hparams,
     frozen_state_keys,
     prepare_for_training,
     restorable_keys,
+    source_vae,
     without_dropped_encoder,
 )
+from ldm.formats.lora_files import DIFFUSERS_LORA_FILE, save_lora
+from ldm.formats.save import save_components
 from ldm.models.frozen_weights import cast_frozen
 from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.distributions import DiagonalGaussianDistribution
-from ldm.nn.lora import DIFFUSERS_LORA_FILE, UNET_TARGETS, save_lora
+from ldm.nn.lora import UNET_TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class LatentDiffusion(pl.LightningModule):
         val_prompts: Prompts sampled at each validation (image grid in the logs).
         val_steps: Sampler steps for validation samples.
         val_guidance: Guidance scale for validation samples.
-        val_sampler: Sampler for validation samples (``dpmpp_2m`` or ``ddim``).
+        val_sampler: Sampler for validation samples, a name in ``ldm.diffusion.SAMPLER_REGISTRY`` (``dpmpp_2m``,
+            ``ddim``, ``euler``, ...).
         val_images_per_prompt: Samples per validation prompt (at the DataModule's square ``image_size``; with
             aspect-ratio buckets, a second grid ``samples_buckets`` shows the first prompt once per training bucket).
         lora_rank: LoRA rank; 0 trains all UNet weights (full fine-tune), > 0 freezes them and trains peft
@@ -172,6 +175,8 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 = full fine-tune)")
         if frozen_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"frozen_dtype={frozen_dtype!r}; use 'bf16', 'fp16' or leave it out")
+        if val_sampler not in SAMPLER_REGISTRY:
+            raise ValueError(f"val_sampler={val_sampler!r}; choose one of {', '.join(SAMPLER_REGISTRY)}")
 
         parts = components_from_hparams(self.hparams, vae_encoder=vae_encoder is not False)
         self.prediction_type = parts.prediction_type
@@ -247,8 +252,7 @@ class LatentDiffusion(pl.LightningModule):
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from scaled latents (the VAE runs outside autocast, in its stored dtype)."""
         with torch.autocast(latents.device.type, enabled=False):
-            z = (latents.float() / self.scaling_factor).to(self.autoencoder.decoder.conv_in.weight.dtype)
-            return self.autoencoder.decode(z).float().clamp(-1, 1)
+            return self.autoencoder.decode_scaled(latents.float(), self.scaling_factor).float().clamp(-1, 1)
 
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
@@ -408,27 +412,19 @@ class LatentDiffusion(pl.LightningModule):
         return self._fingerprints
 
     # ----------------------------------------------------------------- export
-    def _whole_vae_state(self) -> dict[str, torch.Tensor]:
-        """The VAE's state dict; without the encoder, its weights re-read from the source (``autoencoder`` or
-        ``init_from``), checked against the fingerprint taken at construction."""
-        state = self.autoencoder.state_dict()
+    def _whole_vae(self) -> KLAutoencoder:
+        """The VAE; without its encoder, the VAE re-read from the source (``autoencoder`` or ``init_from``), checked
+        against the encoder fingerprint taken at construction, carrying this model's decoder weights."""
         if self.autoencoder.encoder is not None:
-            return state
-        if self.hparams.init_from is not None:
-            source = self.hparams.init_from
-            whole = load_components(source, use_ema=self.hparams.init_from_ema, tokenizer=self.hparams.tokenizer).vae
-        else:
-            source = self.hparams.autoencoder
-            config, folder = read_model_folder(source, "AutoencoderKL")
-            whole = KLAutoencoder(**vae_kwargs(config))
-            whole.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+            return self.autoencoder
+        source = self.hparams.init_from or self.hparams.autoencoder
+        whole = source_vae(self.hparams)
         if whole.encoder_fingerprint() != self.autoencoder.encoder_fingerprint():
             raise ValueError(f"the VAE encoder in {source} changed since this model was built (fingerprint "
                              f"{whole.encoder_fingerprint()}, was {self.autoencoder.encoder_fingerprint()}): export from "
                              "the source it was trained with")
-        dtype = self.autoencoder.post_quant_conv.weight.dtype
-        encoder = {k: v.to(dtype) for k, v in whole.state_dict().items() if k in self.autoencoder.encoder_state_spec}
-        return {**encoder, **state}
+        whole.load_state_dict({**whole.state_dict(), **self.autoencoder.state_dict()})
+        return whole.to(self.autoencoder.post_quant_conv.weight.dtype)
 
     @property
     def is_lora(self) -> bool:
@@ -452,9 +448,7 @@ class LatentDiffusion(pl.LightningModule):
                     "alpha": self.hparams.lora_alpha or self.hparams.lora_rank, "text_encoder": self.hparams.lora_text_encoder}
             (folder / "lora_info.json").write_text(json.dumps(info, indent=2) + "\n")
             return file
-        vae_config = {**self.vae_config, "scaling_factor": float(self.scaling_factor), "disc_weight": 0.0}
-        return write_pipeline_folder(
-            path, self.unet_config, self.unet.state_dict(), vae_config, self._whole_vae_state(), self.text_encoder,
-            self.schedule.to_config(), self.prediction_type, self._latent_size() * self.autoencoder.downsampling_factor,
-            self.sampler_config,
-        )
+        parts = ModelComponents(self.unet, self._whole_vae(), self.text_encoder, self.schedule, self.prediction_type,
+                                float(self.scaling_factor), self._latent_size() * self.autoencoder.downsampling_factor,
+                                self.unet_config, self.vae_config, self.sampler_config)
+        return save_components(parts, path, "ldm")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.nn.unet_blocks import group_norm
+from ldm.nn.layers import group_norm
 
 
 class CrossAttention(nn.Module):

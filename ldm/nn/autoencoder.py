@@ -11,63 +11,41 @@ drops them, so they are never built, moved to a device or written to a checkpoin
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from ldm.nn.configs import AutoencoderConfig
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.vae import Decoder, Encoder
 
 
 class KLAutoencoder(nn.Module):
-    """Image <-> latent with a diagonal-Gaussian posterior. See :class:`ldm.nn.vae.Encoder` for the arguments;
+    """Image <-> latent with a diagonal-Gaussian posterior, built from an
+    :class:`~ldm.nn.configs.AutoencoderConfig` (or its fields as keywords: ``KLAutoencoder(ch=64, ...)``);
     ``with_encoder=False`` builds the decoder half only (see the module docstring)."""
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        z_channels: int = 4,
-        embed_dim: int = 4,
-        dropout: float = 0.0,
-        mid_attention: bool = True,
-        norm_groups: int = 32,
-        with_encoder: bool = True,
-    ):
+    def __init__(self, config: AutoencoderConfig | None = None, *, with_encoder: bool = True, **fields: Any):
         super().__init__()
-        common = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-            mid_attention=mid_attention,
-            norm_groups=norm_groups,
-        )
+        self.config = c = config if config is not None else AutoencoderConfig(**fields)
         self.encoder: Encoder | None = None
         self.quant_conv: nn.Conv2d | None = None
         if with_encoder:
-            self.encoder = Encoder(in_channels=in_channels, double_z=True, **common)
-        self.decoder = Decoder(out_channels=out_channels, **common)
+            self.encoder = Encoder(c, double_z=True)
+        self.decoder = Decoder(c)
         if with_encoder:
-            self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+            self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)
         else:  # the encoder's keys, shapes and dtypes in state-dict order, from a weightless copy
             with torch.device("meta"):
-                skeleton = nn.ModuleDict({"encoder": Encoder(in_channels=in_channels, double_z=True, **common),
-                                          "quant_conv": nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)})
+                skeleton = nn.ModuleDict({"encoder": Encoder(c, double_z=True),
+                                          "quant_conv": nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)})
             self.encoder_state_spec = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
         self._encoder_fingerprint: str | None = None
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.downsampling_factor = 2 ** (len(ch_mult) - 1)
-        self.latent_channels = embed_dim
+        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
+        self.downsampling_factor = c.downsampling_factor
+        self.latent_channels = c.embed_dim
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images in [-1, 1], shape (B, C, H, W) -> posterior over latents (B, embed_dim, H/f, W/f)."""
@@ -79,6 +57,11 @@ class KLAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (unscaled) -> images, nominally in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_scaled(self, latents: torch.Tensor, scaling_factor: float | torch.Tensor) -> torch.Tensor:
+        """Scaled latents (what a diffusion model sees: latents x ``scaling_factor``) -> images, nominally in [-1, 1]
+        and not clamped. The latents are unscaled in their own dtype, then cast to the VAE's stored dtype."""
+        return self.decode((latents / scaling_factor).to(self.post_quant_conv.weight.dtype))
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None

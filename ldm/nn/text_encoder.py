@@ -5,10 +5,11 @@ exactly those of ``transformers``, so Stable Diffusion's text encoders load unch
 (``openai/clip-vit-large-patch14`` for SD 1.x, a diffusers folder's ``text_encoder/`` and
 ``tokenizer/`` for any SD version). The wrapper adds what the diffusion model needs: fixed-length
 tokenization with a warning when a prompt is cut, the choice of the last or the penultimate hidden
-layer (SD 2.x), freezing, and saving in the diffusers layout.
+layer (SD 2.x), freezing, and saving in the diffusers layout. Loading (hub ids, folders, tokenizers)
+and building a new small CLIP are :mod:`ldm.formats.text_encoder_files`' job.
 
 Example:
-    >>> encoder = TextEncoder.from_pretrained("openai/clip-vit-large-patch14").freeze()
+    >>> encoder = load_text_encoder("openai/clip-vit-large-patch14").freeze()  # ldm.formats.text_encoder_files
     >>> context = encoder.encode(["a red circle above a blue square", ""])  # (2, 77, 768)
 """
 
@@ -20,18 +21,18 @@ from typing import Self
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 LAYERS = ("last", "penultimate")
 MODEL_SUBFOLDER = "text_encoder"
 TOKENIZER_SUBFOLDER = "tokenizer"
 # Keys recorded in the text encoder's config.json by ``save_pretrained`` so that loading restores them.
-_LAYER_KEY = "ldm_text_layer"
-_MAX_LENGTH_KEY = "ldm_max_length"
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+LAYER_CONFIG_KEY = "ldm_text_layer"
+MAX_LENGTH_CONFIG_KEY = "ldm_max_length"
 
 
-def _check_layer(layer: str) -> str:
+def check_layer(layer: str) -> str:
+    """``layer`` if it is one of :data:`LAYERS`, else ``ValueError``."""
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}.")
     return layer
@@ -39,17 +40,6 @@ def _check_layer(layer: str) -> str:
 
 def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _looks_local(name_or_path: str) -> bool:
-    """Whether a string can only be a filesystem path (not a Hugging Face ``owner/name`` id)."""
-    path = Path(name_or_path)
-    return (
-        path.is_absolute()
-        or name_or_path.startswith((".", "~"))
-        or name_or_path.count("/") > 1
-        or "\\" in name_or_path
-    )
 
 
 def _final_layer_norm(model: CLIPTextModel) -> nn.LayerNorm:
@@ -83,7 +73,7 @@ class TextEncoder(nn.Module):
         max_length: int = 77,
     ) -> None:
         super().__init__()
-        self.layer = _check_layer(layer)
+        self.layer = check_layer(layer)
         max_positions = model.config.max_position_embeddings
         if not 2 <= max_length <= max_positions:
             raise ValueError(
@@ -93,188 +83,6 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self._frozen = False
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        layer: str | None = None,
-        max_length: int | None = None,
-        subfolder_model: str | None = None,
-        subfolder_tokenizer: str | None = None,
-    ) -> TextEncoder:
-        """Load a CLIP text model and tokenizer with ``from_pretrained``.
-
-        Accepts a Hugging Face id (``"openai/clip-vit-large-patch14"``, needs network), a local
-        folder holding both the model and the tokenizer files, or a diffusers-style folder with
-        ``text_encoder/`` and ``tokenizer/`` subfolders (detected automatically, e.g. one written
-        by :meth:`save_pretrained`). For a hub id of a diffusers repository, pass
-        ``subfolder_model="text_encoder", subfolder_tokenizer="tokenizer"``.
-
-        Args:
-            name_or_path: Hub id or local folder.
-            layer: ``"last"`` or ``"penultimate"``; ``None`` uses the value recorded by
-                :meth:`save_pretrained`, else ``"last"``.
-            max_length: Sequence length; ``None`` uses the recorded value, else the tokenizer's
-                ``model_max_length`` capped at the model's position embeddings (77 for CLIP).
-            subfolder_model: Subfolder of the model files, if any.
-            subfolder_tokenizer: Subfolder of the tokenizer files, if any.
-
-        Returns:
-            The loaded encoder, in eval mode, not frozen.
-
-        Raises:
-            FileNotFoundError: If a local path does not exist or lacks the model or tokenizer files.
-            OSError: If the model or tokenizer cannot be loaded from ``name_or_path``.
-        """
-        name = str(name_or_path)
-        root = Path(name).expanduser()
-        local = root.is_dir()
-        if not local and _looks_local(name):
-            raise FileNotFoundError(
-                f"Text encoder path {name!r} does not exist. Give a local folder with a CLIP text model "
-                f"and tokenizer (or diffusers-style '{MODEL_SUBFOLDER}/' and '{TOKENIZER_SUBFOLDER}/' subfolders), "
-                "or a Hugging Face id such as 'openai/clip-vit-large-patch14'."
-            )
-        if local:
-            if subfolder_model is None and (root / MODEL_SUBFOLDER / "config.json").is_file():
-                subfolder_model = MODEL_SUBFOLDER
-            if subfolder_tokenizer is None and (root / TOKENIZER_SUBFOLDER).is_dir():
-                subfolder_tokenizer = TOKENIZER_SUBFOLDER
-            cls._check_local_files(root, subfolder_model, subfolder_tokenizer)
-            model_candidates: list[str | None] = [subfolder_model]
-            tokenizer_candidates: list[str | None] = [subfolder_tokenizer]
-        else:
-            # A hub id: try the repository root, then the diffusers layout.
-            model_candidates = [subfolder_model] if subfolder_model is not None else [None, MODEL_SUBFOLDER]
-            tokenizer_candidates = (
-                [subfolder_tokenizer] if subfolder_tokenizer is not None else [None, TOKENIZER_SUBFOLDER]
-            )
-        options = {"local_files_only": True} if local else {}
-        model = cls._load_first(CLIPTextModel, name, model_candidates, "text model", options)
-        tokenizer = cls._load_first(CLIPTokenizer, name, tokenizer_candidates, "tokenizer", options)
-
-        if layer is None:
-            layer = getattr(model.config, _LAYER_KEY, None) or "last"
-        if max_length is None:
-            max_length = getattr(model.config, _MAX_LENGTH_KEY, None) or min(
-                int(tokenizer.model_max_length), model.config.max_position_embeddings
-            )
-        return cls(model, tokenizer, layer=layer, max_length=max_length).eval()
-
-    @staticmethod
-    def load_tokenizer(name_or_path: str | Path) -> CLIPTokenizer:
-        """A CLIP tokenizer from a local folder (its root or a ``tokenizer/`` subfolder) or a hub id.
-
-        Raises:
-            FileNotFoundError: If a local path does not exist or holds no tokenizer files.
-            OSError: If a hub id cannot be loaded (e.g. offline).
-        """
-        name = str(name_or_path)
-        root = Path(name).expanduser()
-        if root.is_dir():
-            sub = TOKENIZER_SUBFOLDER if (root / TOKENIZER_SUBFOLDER).is_dir() else None
-            folder = root / sub if sub else root
-            if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-                raise FileNotFoundError(f"no CLIP tokenizer files (tokenizer.json or vocab.json) in {str(folder)!r}")
-            return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-        if _looks_local(name):
-            raise FileNotFoundError(f"tokenizer path {name!r} does not exist; give a folder with a CLIP tokenizer")
-        return TextEncoder._load_first(CLIPTokenizer, name, [None, TOKENIZER_SUBFOLDER], "tokenizer", {})
-
-    @staticmethod
-    def _check_local_files(root: Path, subfolder_model: str | None, subfolder_tokenizer: str | None) -> None:
-        model_dir = root / subfolder_model if subfolder_model else root
-        tokenizer_dir = root / subfolder_tokenizer if subfolder_tokenizer else root
-        problems = []
-        if not (model_dir / "config.json").is_file():
-            problems.append(f"no config.json in {str(model_dir)!r}")
-        # CLIPTokenizer.from_pretrained on a folder without tokenizer files silently builds a
-        # useless 2-token tokenizer (transformers v5), so check before loading.
-        if not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
-            problems.append(f"no tokenizer.json or vocab.json in {str(tokenizer_dir)!r}")
-        if problems:
-            raise FileNotFoundError(
-                f"Cannot load a CLIP text encoder from {str(root)!r}: {'; '.join(problems)}. Expected a folder "
-                f"with a CLIPTextModel and its tokenizer, or '{MODEL_SUBFOLDER}/' and '{TOKENIZER_SUBFOLDER}/' "
-                "subfolders (the diffusers layout written by TextEncoder.save_pretrained)."
-            )
-
-    @staticmethod
-    def _load_first(loader: type, name: str, subfolders: list[str | None], what: str, options: dict) -> object:
-        errors = []
-        for subfolder in subfolders:
-            kwargs = dict(options, subfolder=subfolder) if subfolder else dict(options)
-            try:
-                return loader.from_pretrained(name, **kwargs)
-            except (OSError, ValueError) as error:
-                errors.append(f"{subfolder or '.'}: {error}")
-        raise OSError(
-            f"Could not load the CLIP {what} from {name!r} (tried subfolders "
-            f"{[s or '.' for s in subfolders]}). Give a Hugging Face id such as 'openai/clip-vit-large-patch14' "
-            f"(needs network), a local folder, or a diffusers folder with '{MODEL_SUBFOLDER}/' and "
-            f"'{TOKENIZER_SUBFOLDER}/'. Errors: {' | '.join(errors)}"
-        )
-
-    @classmethod
-    def from_config(
-        cls,
-        tokenizer_path: str | Path | CLIPTokenizer,
-        hidden_size: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 2,
-        intermediate_size: int | None = None,
-        max_length: int = 77,
-        layer: str = "last",
-    ) -> TextEncoder:
-        """A small, randomly initialised CLIP text model sized to a tokenizer (for training from scratch).
-
-        Args:
-            tokenizer_path: Folder that ``CLIPTokenizer.from_pretrained`` loads (e.g. one written by
-                :func:`ldm.data.tokenizer.train_clip_tokenizer`), or a tokenizer instance.
-            hidden_size: Width of the model, which is the cross-attention context dimension.
-            num_layers: Transformer layers.
-            num_heads: Attention heads; must divide ``hidden_size``.
-            intermediate_size: MLP width; ``4 * hidden_size`` when ``None``.
-            max_length: Sequence length, also the number of position embeddings.
-            layer: ``"last"`` or ``"penultimate"`` (needs ``num_layers >= 2`` to differ from the
-                embeddings).
-
-        Returns:
-            The encoder, in train mode, with the model's vocabulary matching the tokenizer.
-
-        Raises:
-            ValueError: For sizes that do not fit together.
-            FileNotFoundError: If ``tokenizer_path`` is not a folder with tokenizer files.
-        """
-        _check_layer(layer)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
-        if num_layers < 1 or (layer == "penultimate" and num_layers < 2):
-            raise ValueError(f"num_layers={num_layers} is too few for layer={layer!r}.")
-        if isinstance(tokenizer_path, CLIPTokenizer):
-            tokenizer = tokenizer_path
-        else:
-            folder = Path(tokenizer_path).expanduser()
-            if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-                raise FileNotFoundError(
-                    f"No CLIP tokenizer in {str(tokenizer_path)!r} (expected tokenizer.json or vocab.json + "
-                    "merges.txt). Build one with ldm.data.tokenizer.train_clip_tokenizer(captions, path)."
-                )
-            tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-        config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 4 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        return cls(CLIPTextModel(config), tokenizer, layer=layer, max_length=max_length)
 
     # ------------------------------------------------------------------ properties and state
     @property
@@ -386,7 +194,7 @@ class TextEncoder(nn.Module):
         """Write ``path/text_encoder/`` (config + safetensors) and ``path/tokenizer/``, the diffusers layout.
 
         ``layer`` and ``max_length`` are recorded in the text encoder's ``config.json`` so that
-        :meth:`from_pretrained` restores them.
+        :func:`ldm.formats.text_encoder_files.load_text_encoder` restores them.
 
         Args:
             path: Output folder, created if missing.
@@ -396,8 +204,8 @@ class TextEncoder(nn.Module):
         """
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        setattr(self.model.config, _LAYER_KEY, self.layer)
-        setattr(self.model.config, _MAX_LENGTH_KEY, self.max_length)
+        setattr(self.model.config, LAYER_CONFIG_KEY, self.layer)
+        setattr(self.model.config, MAX_LENGTH_CONFIG_KEY, self.max_length)
         self.model.save_pretrained(out / MODEL_SUBFOLDER)
         # The fast tokenizer keeps the padding/truncation of its last call in its state, and
         # transformers v5 writes that state into tokenizer.json (and re-applies it on load).

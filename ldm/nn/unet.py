@@ -7,13 +7,15 @@ An original SD checkpoint's ``model.diffusion_model.*`` entries (prefix removed)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ldm.nn.configs import UNetConfig
 from ldm.nn.attention import BasicTransformerBlock, SpatialTransformer
-from ldm.nn.unet_blocks import ResBlock, UNetDownsample, UNetUpsample, group_norm, timestep_embedding, zero_init
+from ldm.nn.layers import Upsample, group_norm
+from ldm.nn.unet_blocks import ResBlock, UNetDownsample, timestep_embedding, zero_init
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -33,95 +35,55 @@ class TimestepEmbedSequential(nn.Sequential):
 class UNetModel(nn.Module):
     """Conditional UNet of Stable Diffusion: predicts noise (or v) from a noisy latent, timestep and text.
 
-    Defaults are SD v1.x. For SD v2.x use ``num_head_channels=64, context_dim=1024,
-    use_linear_in_transformer=True``.
-
-    Args:
-        in_channels: Channels of the input latent.
-        out_channels: Channels of the prediction.
-        model_channels: Base width; level ``i`` has ``model_channels * channel_mult[i]`` channels and
-            the timestep embedding has ``4 * model_channels``.
-        channel_mult: Width multiplier per resolution level; the UNet downsamples
-            ``len(channel_mult) - 1`` times.
-        num_res_blocks: ResBlocks per level on the way down (one more per level on the way up).
-        attention_resolutions: Downsampling factors (1 = full latent resolution, 2 = after one
-            downsample, ...) whose levels get a SpatialTransformer after each ResBlock.
-        num_heads: Attention heads per transformer when ``num_head_channels`` is -1 (SD v1: 8).
-        num_head_channels: Channels per head (SD v2: 64); heads = channels // this. -1 to use
-            ``num_heads`` instead.
-        context_dim: Channels of the conditioning tokens (CLIP hidden size: 768 for SD v1, 1024 for
-            SD v2). ``None`` builds an unconditional UNet whose ``attn2`` is a second self-attention
-            (CompVis' behaviour); ``forward`` then takes no context.
-        transformer_depth: BasicTransformerBlocks per SpatialTransformer.
-        use_linear_in_transformer: Linear ``proj_in``/``proj_out`` on tokens (SD v2) instead of 1x1
-            convs (SD v1).
-        dropout: Dropout in ResBlocks and transformer blocks.
-        norm_groups: GroupNorm groups (SD: 32); reduced to the largest divisor of a layer's channels
-            for tiny models.
-        use_checkpoint: Gradient checkpointing of every ResBlock and transformer block while grad is
-            enabled (trades compute for memory); see :meth:`set_gradient_checkpointing`.
+    Built from a :class:`~ldm.nn.configs.UNetConfig` (its docstring lists the knobs; the defaults are SD v1.x), or
+    from the same fields as keywords: ``UNetModel(model_channels=64, ...)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 4,
-        out_channels: int = 4,
-        model_channels: int = 320,
-        channel_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attention_resolutions: Sequence[int] = (4, 2, 1),
-        num_heads: int = 8,
-        num_head_channels: int = -1,
-        context_dim: int | None = 768,
-        transformer_depth: int = 1,
-        use_linear_in_transformer: bool = False,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
-        use_checkpoint: bool = False,
-    ):
+    def __init__(self, config: UNetConfig | None = None, **fields: Any):
         super().__init__()
-        if num_head_channels == -1 and num_heads <= 0:
-            raise ValueError(f"num_heads must be positive when num_head_channels is -1, got {num_heads}")
-        if not channel_mult:
+        self.config = c = config if config is not None else UNetConfig(**fields)
+        if c.num_head_channels == -1 and c.num_heads <= 0:
+            raise ValueError(f"num_heads must be positive when num_head_channels is -1, got {c.num_heads}")
+        if not c.channel_mult:
             raise ValueError("channel_mult must list at least one level")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.model_channels = model_channels
-        self.channel_mult = tuple(channel_mult)
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.context_dim = context_dim
+        self.in_channels = c.in_channels
+        self.out_channels = c.out_channels
+        self.model_channels = c.model_channels
+        self.channel_mult = tuple(c.channel_mult)
+        self.num_res_blocks = c.num_res_blocks
+        self.attention_resolutions = tuple(c.attention_resolutions)
+        self.context_dim = c.context_dim
         self.downsampling_factor = 2 ** (len(self.channel_mult) - 1)
-        emb_dim = 4 * model_channels
+        emb_dim = 4 * c.model_channels
 
         def heads_for(ch: int) -> tuple[int, int]:
             """(heads, head width) of a transformer at ``ch`` channels."""
-            if num_head_channels == -1:
-                if ch % num_heads:
-                    raise ValueError(f"{ch} channels are not divisible by num_heads={num_heads}")
-                return num_heads, ch // num_heads
-            if num_head_channels <= 0 or ch % num_head_channels:
-                raise ValueError(f"{ch} channels are not divisible by num_head_channels={num_head_channels}")
-            return ch // num_head_channels, num_head_channels
+            if c.num_head_channels == -1:
+                if ch % c.num_heads:
+                    raise ValueError(f"{ch} channels are not divisible by num_heads={c.num_heads}")
+                return c.num_heads, ch // c.num_heads
+            if c.num_head_channels <= 0 or ch % c.num_head_channels:
+                raise ValueError(f"{ch} channels are not divisible by num_head_channels={c.num_head_channels}")
+            return ch // c.num_head_channels, c.num_head_channels
 
         def res(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, ch_out, dropout, norm_groups, use_checkpoint)
+            return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.norm_groups, c.use_checkpoint)
 
         def transformer(ch: int) -> SpatialTransformer:
             heads, d_head = heads_for(ch)
             return SpatialTransformer(
-                ch, heads, d_head, transformer_depth, context_dim, dropout, use_linear_in_transformer, norm_groups, use_checkpoint
+                ch, heads, d_head, c.transformer_depth, c.context_dim, c.dropout, c.use_linear_in_transformer, c.norm_groups, c.use_checkpoint
             )
 
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
-        skip_channels = [model_channels]
-        ch, ds = model_channels, 1
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        skip_channels = [c.model_channels]
+        ch, ds = c.model_channels, 1
         for level, mult in enumerate(self.channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res(ch, model_channels * mult)]
-                ch = model_channels * mult
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, c.model_channels * mult)]
+                ch = c.model_channels * mult
                 if ds in self.attention_resolutions:
                     layers.append(transformer(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
@@ -135,18 +97,18 @@ class UNetModel(nn.Module):
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), model_channels * mult)]
-                ch = model_channels * mult
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), c.model_channels * mult)]
+                ch = c.model_channels * mult
                 if ds in self.attention_resolutions:
                     layers.append(transformer(ch))
-                if level and i == num_res_blocks:
-                    layers.append(UNetUpsample(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            group_norm(ch, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+            group_norm(ch, c.norm_groups), nn.SiLU(), zero_init(nn.Conv2d(ch, c.out_channels, 3, padding=1))
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

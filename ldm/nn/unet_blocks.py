@@ -1,7 +1,7 @@
 """Convolutional pieces of the Stable Diffusion UNet, named as in CompVis ``openaimodel``.
 
 ``ResBlock`` keeps CompVis' ``in_layers``/``emb_layers``/``out_layers``/``skip_connection`` names
-(sequential indices included), the resamplers keep ``op`` (down) and ``conv`` (up), so original SD
+(sequential indices included), the resamplers keep ``op`` (down) and ``conv`` (up, :class:`ldm.nn.layers.Upsample`), so original SD
 checkpoints load without renaming.
 """
 
@@ -14,17 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def group_norm(channels: int, num_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
-    """Affine GroupNorm with the largest group count ``<= num_groups`` that divides ``channels``.
-
-    SD uses 32 groups everywhere (eps 1e-5 in ResBlocks and the output norm, 1e-6 in the
-    SpatialTransformer norm); tiny test models with fewer channels get fewer groups.
-    """
-    groups = max(1, min(num_groups, channels))
-    while channels % groups:
-        groups -= 1
-    return nn.GroupNorm(groups, channels, eps=eps, affine=True)
+from ldm.nn.layers import group_norm
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -115,14 +105,3 @@ class UNetDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class UNetUpsample(nn.Module):
-    """Double the resolution: nearest-neighbour x2, then a 3x3 ``conv``."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

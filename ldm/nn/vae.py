@@ -8,13 +8,13 @@ apply). The number of downsamplings is ``len(ch_mult) - 1``, so the spatial fact
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.nn.vae_blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, group_norm
+from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.layers import Upsample, group_norm
+from ldm.nn.vae_blocks import AttnBlock, Downsample, MidBlock, ResnetBlock
 
 
 class _Level(nn.Module):
@@ -29,25 +29,16 @@ class _Level(nn.Module):
 class Encoder(nn.Module):
     """Image -> latent moments (``2 * z_channels`` when ``double_z``) at ``1 / 2**(len(ch_mult)-1)`` size."""
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        z_channels: int = 4,
-        double_z: bool = True,
-        dropout: float = 0.0,
-        mid_attention: bool = True,
-        norm_groups: int = 32,
-    ):
+    def __init__(self, config: AutoencoderConfig, double_z: bool = True):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        c = config
+        ch, ch_mult, num_res_blocks, z_channels, norm_groups, dropout = (c.ch, c.ch_mult, c.num_res_blocks, c.z_channels,
+                                                                          c.norm_groups, c.dropout)
+        attn_resolutions, mid_attention = c.attn_resolutions, c.mid_attention
+        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         widths = [ch * m for m in (1, *ch_mult)]
-        res = resolution
+        res = c.resolution
         for i, mult in enumerate(ch_mult):
             level = _Level()
             block_in, block_out = widths[i], ch * mult
@@ -61,7 +52,7 @@ class Encoder(nn.Module):
                 res //= 2
             self.down.append(level)
         self.mid = MidBlock(block_in, dropout, norm_groups, mid_attention)
-        self.norm_out = group_norm(block_in, norm_groups)
+        self.norm_out = group_norm(block_in, norm_groups, eps=1e-6)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,22 +75,14 @@ class Decoder(nn.Module):
     from the last (lowest resolution) to the first.
     """
 
-    def __init__(
-        self,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        z_channels: int = 4,
-        dropout: float = 0.0,
-        mid_attention: bool = True,
-        norm_groups: int = 32,
-    ):
+    def __init__(self, config: AutoencoderConfig):
         super().__init__()
+        c = config
+        ch, ch_mult, num_res_blocks, z_channels, norm_groups, dropout = (c.ch, c.ch_mult, c.num_res_blocks, c.z_channels,
+                                                                          c.norm_groups, c.dropout)
+        attn_resolutions, mid_attention = c.attn_resolutions, c.mid_attention
         block_in = ch * ch_mult[-1]
-        res = resolution // 2 ** (len(ch_mult) - 1)
+        res = c.resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = MidBlock(block_in, dropout, norm_groups, mid_attention)
         levels: list[_Level] = []
@@ -116,8 +99,8 @@ class Decoder(nn.Module):
                 res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(block_in, norm_groups)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self.norm_out = group_norm(block_in, norm_groups, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

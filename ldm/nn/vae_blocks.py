@@ -1,7 +1,8 @@
 """Building blocks of the KL autoencoder, named as in Stable Diffusion's first-stage model.
 
 Module names (``norm1``, ``conv1``, ``nin_shortcut``, ``q``/``k``/``v``/``proj_out``, ...) match the
-original CompVis checkpoints so their state dicts load without renaming.
+original CompVis checkpoints so their state dicts load without renaming. Every GroupNorm of the VAE has eps 1e-6;
+the upsampler is :class:`ldm.nn.layers.Upsample`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm as SD uses it (eps 1e-6, affine); groups shrink to divide ``channels`` for tiny models."""
-    groups = min(num_groups, channels)
-    while channels % groups:
-        groups -= 1
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+from ldm.nn.layers import group_norm
 
 
 class ResnetBlock(nn.Module):
@@ -25,9 +20,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = group_norm(in_channels, norm_groups)
+        self.norm1 = group_norm(in_channels, norm_groups, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, norm_groups)
+        self.norm2 = group_norm(out_channels, norm_groups, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -43,7 +38,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int, norm_groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels, norm_groups)
+        self.norm = group_norm(channels, norm_groups, eps=1e-6)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -68,17 +63,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour upsampling followed by a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):

@@ -26,15 +26,16 @@ def _ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tiled_decode(vae: KLAutoencoder, z: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:
-    """Decode (B, C, H, W) latents in ``tile`` x ``tile`` pieces overlapping by ``overlap`` latents.
+def tiled_decode(vae: KLAutoencoder, z: torch.Tensor, tile: int = 32, overlap: int = 8, scaling_factor: float = 1.0) -> torch.Tensor:
+    """Decode (B, C, H, W) latents, scaled by ``scaling_factor``, in ``tile`` x ``tile`` pieces overlapping by
+    ``overlap`` latents (:meth:`~ldm.nn.autoencoder.KLAutoencoder.decode_scaled` of each; not clamped).
 
     Peak memory follows the tile, not the image. The mid-block attention then sees one tile at a time,
     so the result differs slightly from a whole decode; the overlaps are cross-faded to hide seams.
     """
     b, _, h, w = z.shape
     if h <= tile and w <= tile:
-        return vae.decode(z)
+        return vae.decode_scaled(z, scaling_factor)
     f = vae.downsampling_factor
     overlap = min(overlap, tile // 2)
     stride = tile - overlap
@@ -42,7 +43,7 @@ def tiled_decode(vae: KLAutoencoder, z: torch.Tensor, tile: int = 32, overlap: i
     ys, xs = _starts(h, tile, stride), _starts(w, tile, stride)
     for y in ys:
         for x in xs:
-            piece = vae.decode(z[:, :, y : y + tile, x : x + tile])
+            piece = vae.decode_scaled(z[:, :, y : y + tile, x : x + tile], scaling_factor)
             th, tw = piece.shape[-2:]
             wy = _ramp(th, overlap * f, y == ys[0], y == ys[-1])
             wx = _ramp(tw, overlap * f, x == xs[0], x == xs[-1])

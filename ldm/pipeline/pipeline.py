@@ -14,25 +14,16 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm.diffusion import SAMPLERS, NoiseSchedule, SamplerConfig, noise_to_step, sample
+from ldm.diffusion import SAMPLER_REGISTRY, NoiseSchedule, SamplerConfig, noise_to_step, sample
 from ldm.pipeline.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
-from ldm.formats.components import ModelComponents, load_components, vae_kwargs
-from ldm.formats.ldm_folder import write_pipeline_folder
+from ldm.formats.components import ModelComponents, load_components
+from ldm.formats.save import save_components
 from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 from ldm.pipeline.memory import tiled_decode
-
-# Samplers that draw fresh noise at every step: for these, images of a batch are sampled one by one so
-# that each image depends only on its own seed.
-_STOCHASTIC = ("ddpm", "euler_a")
-
-
-def _is_stochastic(sampler: str, eta: float) -> bool:
-    return sampler in _STOCHASTIC or (sampler == "ddim" and eta > 0)
-
 
 @dataclass
 class PipelineOutput:
@@ -92,41 +83,22 @@ class LatentDiffusionPipeline:
     def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
         """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
         loads) or ``sd`` (an original single-file ``.safetensors`` checkpoint). Loaded LoRA adapters must be
-        merged first (:meth:`merge_lora`); the adapter file itself is what :func:`ldm.nn.lora.save_lora` writes."""
+        merged first (:meth:`merge_lora`); the adapter file itself is what :func:`ldm.formats.lora_files.save_lora` writes."""
         from ldm.nn.lora import lora_layers
 
         if lora_layers(self.unet) or lora_layers(self.text_encoder):
             raise ValueError("this pipeline has LoRA adapters loaded: call merge_lora() to save the merged model")
-        if format == "ldm":
-            vae_config = {**self.vae_config, "scaling_factor": self.scaling_factor, "disc_weight": 0.0}
-            return write_pipeline_folder(path, self.unet_config, self.unet.state_dict(), vae_config, self.vae.state_dict(),
-                                         self.text_encoder, self.schedule.to_config(), self.prediction_type, self.sample_size,
-                                         self.sampler_config)
-        if format == "diffusers":
-            from ldm.formats import write_diffusers_folder
-            from ldm.formats.diffusers_folder import last_layer_text_encoder
+        return save_components(self.components(), path, format)
 
-            text_model = last_layer_text_encoder(self.text_encoder.model, self.text_encoder.layer)
-            return write_diffusers_folder(path, self.unet.state_dict(), self.unet_config, self.vae.state_dict(), vae_kwargs(self.vae_config),
-                                          text_model, self.text_encoder.tokenizer,
-                                          {**self.schedule.to_diffusers_scheduler_config(), **self.sampler_config.to_dict()},
-                                          scheduler_class="DPMSolverMultistepScheduler", prediction_type=self.prediction_type,
-                                          vae_scaling_factor=self.scaling_factor, sample_size=self.sample_size // self.vae.downsampling_factor)
-        if format == "sd":
-            from ldm.formats.sd_single_file import write_sd_single_file
-
-            path = Path(path)
-            if path.suffix != ".safetensors":
-                raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
-            return write_sd_single_file(path, self.unet, self.unet_config, self.vae, vae_kwargs(self.vae_config), self.text_encoder,
-                                        self.schedule.to_config(), self.prediction_type, self.scaling_factor, self.sample_size,
-                                        self.sampler_config)
-        raise ValueError(f"format must be 'ldm', 'diffusers' or 'sd', got {format!r}")
+    def components(self) -> ModelComponents:
+        """The pipeline's model as :class:`~ldm.formats.components.ModelComponents` (the same modules, not copies)."""
+        return ModelComponents(self.unet, self.vae, self.text_encoder, self.schedule, self.prediction_type, self.scaling_factor,
+                               self.sample_size, self.unet_config, self.vae_config, self.sampler_config)
 
     # ------------------------------------------------------------------ LoRA
     def load_lora(self, path: str | Path, scale: float = 1.0) -> "LatentDiffusionPipeline":
         """Load a LoRA adapter file (ours or diffusers' layout) onto the UNet (and text encoder when it has one)."""
-        from ldm.nn.lora import load_lora
+        from ldm.formats.lora_files import load_lora
 
         load_lora(self, path, scale=scale)
         return self
@@ -230,8 +202,8 @@ class LatentDiffusionPipeline:
             raise ValueError("prompt is empty: give a string (\"\" for unconditional) or a non-empty list")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if sampler not in SAMPLER_REGISTRY:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLER_REGISTRY)}")
         if output_type not in (*OUTPUT_TYPES, "latent"):
             raise ValueError(f"output_type must be one of {(*OUTPUT_TYPES, 'latent')}, got {output_type!r}")
         if num_images_per_prompt < 1:
@@ -254,8 +226,10 @@ class LatentDiffusionPipeline:
         extra = self._inpainting_channels(init_image, mask, len(prompts), height, width) if self.is_inpainting_model else None
         start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
 
-        # Deterministic samplers run the batch at once; stochastic ones image by image (each on its own seed).
-        groups = [[i] for i in range(len(prompts))] if _is_stochastic(sampler, eta) else [list(range(len(prompts)))]
+        # Deterministic samplers run the batch at once; those that draw noise at every step image by image, so that
+        # each image depends only on its own seed.
+        stochastic = SAMPLER_REGISTRY[sampler].draws_noise(eta)
+        groups = [[i] for i in range(len(prompts))] if stochastic else [list(range(len(prompts)))]
         bar = tqdm(total=len(groups) * (num_inference_steps - start_step), disable=not progress, desc="sampling")
         latents = []
         for group in groups:
@@ -326,15 +300,15 @@ class LatentDiffusionPipeline:
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # Re-impose the known region, noised to this step, before every model call. Samplers in sigma
             # space hand the denoiser the VP-scaled x_t, so the same blend applies to every sampler.
-            alpha, sigma = _alpha_sigma(self.schedule, t, x)
+            alpha, sigma = self.schedule.alpha_sigma(t, x.ndim, x.dtype, x.device, fractional=True)
             return guided(latent_mask * x + (1 - latent_mask) * (alpha * known + sigma * noise), t)
 
         return denoise
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scaling_factor
-        parts = z.split(1) if self.vae_slicing else [z]
-        decode = (lambda p: tiled_decode(self.vae, p, self.vae_tile_size)) if self.vae_tile_size else self.vae.decode
+        parts = latents.split(1) if self.vae_slicing else [latents]
+        tile, scale = self.vae_tile_size, self.scaling_factor
+        decode = (lambda p: tiled_decode(self.vae, p, tile, scaling_factor=scale)) if tile else (lambda p: self.vae.decode_scaled(p, scale))
         return torch.cat([decode(p) for p in parts]).clamp(-1, 1)
 
 
@@ -373,14 +347,3 @@ def _seeds_for(seed: int | list[int] | None, n: int, generator: torch.Generator 
     if len(seeds) != n:
         raise ValueError(f"seed has {len(seeds)} entries but {n} images are requested (prompts x num_images_per_prompt); give one seed per image or a single int")
     return seeds
-
-
-def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) at (possibly fractional) timesteps, interpolated linearly."""
-    ac = schedule.alphas_cumprod.to(like.device)
-    tf = t.to(like.device, torch.float64).clamp(0, len(ac) - 1)
-    lo = tf.floor().long()
-    hi = (lo + 1).clamp(max=len(ac) - 1)
-    a = ac[lo] + (ac[hi] - ac[lo]) * (tf - lo)
-    shape = (-1,) + (1,) * (like.ndim - 1)
-    return a.sqrt().view(shape).to(like.dtype), (1 - a).sqrt().view(shape).to(like.dtype)

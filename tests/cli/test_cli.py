@@ -24,9 +24,16 @@ def test_fit_help_documents_every_model_and_data_argument():
 
     from ldm.models import LatentDiffusion
 
+    import dataclasses
+
     for model_class in (AutoencoderKL, LatentDiffusion):
-        for name in inspect.signature(model_class.__init__).parameters:
-            if name != "self":
+        for name, param in inspect.signature(model_class.__init__).parameters.items():
+            if name == "self":
+                continue
+            if dataclasses.is_dataclass(param.default):  # a typed group: every field shows, with its doc
+                for field in dataclasses.fields(param.default):
+                    assert f"--model.{name}.{field.name} " in out.stdout, (model_class.__name__, name, field.name)
+            else:
                 assert f"--model.{name} " in out.stdout, (model_class.__name__, name)
     for data_class in (ImageCaptionDataModule, StreamingImageCaptionDataModule, PrecomputedLatentsDataModule):
         for name in inspect.signature(data_class.__init__).parameters:
@@ -34,6 +41,7 @@ def test_fit_help_documents_every_model_and_data_argument():
                 assert f"--data.{name} " in out.stdout, (data_class.__name__, name)
     assert "Precomputed VAE moments" in out.stdout
     assert "Training batches before the discriminator" in out.stdout  # docstrings become help text
+    assert "Base channel width of encoder and decoder" in out.stdout  # a config dataclass's field docs too
     assert "--trainer.devices" in out.stdout
 
 
@@ -64,7 +72,7 @@ def test_fit_from_yaml_then_reconstruct(tmp_path, tiny_dataset, tiny_vae_kwargs,
 
     main(["fit", "--config", str(config)])
     model = AutoencoderKL.from_pretrained(tmp_path / "vae")
-    assert model.hparams.ch == tiny_vae_kwargs["ch"] and float(model.scaling_factor) != 1.0
+    assert model.hparams.vae["ch"] == tiny_vae_kwargs["vae"]["ch"] and float(model.scaling_factor) != 1.0
     last = tmp_path / "logs" / "autoencoder-digits" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     step_after_first = torch.load(last, map_location="cpu", weights_only=True)["global_step"]

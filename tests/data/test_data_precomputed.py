@@ -48,9 +48,9 @@ def test_encode_writes_the_vaes_moments_captions_splits_and_text_embeddings(tmp_
     assets = frozen_model_assets
     summary = _encode(assets, tmp_path / "latents", text_encoder=str(assets["text_encoder"]))
     vae = AutoencoderKL.from_pretrained(assets["vae"]).vae.eval()
-    from ldm.nn.text_encoder import TextEncoder
+    from ldm.formats.text_encoder_files import load_text_encoder
 
-    text_encoder = TextEncoder.from_pretrained(assets["text_encoder"]).eval()
+    text_encoder = load_text_encoder(assets["text_encoder"]).eval()
     info = json.loads((tmp_path / "latents" / "ldm_latents.json").read_text())
     assert info == summary.info
     assert info["encoder_fingerprint"] == vae_encoder_fingerprint(vae) and info["scaling_factor"] == 0.5

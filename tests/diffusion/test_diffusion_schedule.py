@@ -76,6 +76,18 @@ def test_alpha_sigma_shapes_and_forward_process():
         s.alpha_sigma(torch.tensor([1000]))
 
 
+def test_alpha_sigma_at_fractional_timesteps():
+    s = NoiseSchedule()
+    t = torch.tensor([0, 500, 999])
+    for a, b in zip(s.alpha_sigma(t.float(), ndim=4, fractional=True), s.alpha_sigma(t, ndim=4)):
+        assert torch.equal(a, b)  # integer timesteps: exactly the table's values
+    alpha, sigma = s.alpha_sigma(torch.tensor([10.25, -3.0, 1200.0]), ndim=2, dtype=torch.float64, fractional=True)
+    ac = s.alphas_cumprod
+    torch.testing.assert_close(alpha.view(-1) ** 2, torch.stack([0.75 * ac[10] + 0.25 * ac[11], ac[0], ac[-1]]))
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(alpha))
+    assert alpha.shape == (3, 1)
+
+
 def test_config_round_trip():
     s = NoiseSchedule("linear", 500, 0.0002, 0.03, zero_terminal_snr=True)
     cfg = json.loads(json.dumps(s.to_config()))

@@ -14,6 +14,7 @@ from ldm.diffusion import NoiseSchedule
 from ldm.formats import load_sd_checkpoint, save_sd_checkpoint
 from ldm.formats.clip_keys import transformers_to_openclip, transformers_to_sd_v1_clip
 from ldm.formats.sd_single_file import SD_SAMPLER, read_sd_single_file
+from ldm.formats.text_encoder_files import load_clip_tokenizer
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
@@ -37,7 +38,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _clip(tokenizer_dir, hidden_act: str, layers: int = 3) -> CLIPTextModel:
-    tok = TextEncoder.load_tokenizer(tokenizer_dir)
+    tok = load_clip_tokenizer(tokenizer_dir)
     config = CLIPTextConfig(vocab_size=len(tok), hidden_size=CLIP_WIDTH, intermediate_size=2 * CLIP_WIDTH, num_hidden_layers=layers,
                             num_attention_heads=CLIP_WIDTH // 64, max_position_embeddings=77, hidden_act=hidden_act,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -47,7 +48,7 @@ def _clip(tokenizer_dir, hidden_act: str, layers: int = 3) -> CLIPTextModel:
 def _reference(tokenizer_dir, unet_config, hidden_act, layer, in_channels=4):
     unet = randomize_(UNetModel(**unet_config, in_channels=in_channels), seed=1)
     vae = randomize_(KLAutoencoder(**VAE), seed=2)
-    text = TextEncoder(_clip(tokenizer_dir, hidden_act), TextEncoder.load_tokenizer(tokenizer_dir), layer=layer)
+    text = TextEncoder(_clip(tokenizer_dir, hidden_act), load_clip_tokenizer(tokenizer_dir), layer=layer)
     return LatentDiffusionPipeline(unet, vae, text, NoiseSchedule(), "epsilon", 0.18215, 16, sampler_config=SD_SAMPLER)
 
 

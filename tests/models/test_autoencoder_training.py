@@ -102,7 +102,7 @@ def test_save_pretrained_round_trip_is_bit_identical(tmp_path, tiny_dataset, tin
     folder = tmp_path / "exported"
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "discriminator.safetensors"}
     config = json.loads((folder / "config.json").read_text())
-    assert config["_class_name"] == "AutoencoderKL" and config["ch"] == tiny_vae_kwargs["ch"]
+    assert config["_class_name"] == "AutoencoderKL" and config["ch"] == tiny_vae_kwargs["vae"]["ch"]
     assert config["scaling_factor"] == pytest.approx(float(model.scaling_factor))
 
     loaded = AutoencoderKL.from_pretrained(folder)

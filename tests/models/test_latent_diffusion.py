@@ -146,3 +146,5 @@ def test_constructor_rejects_bad_arguments(ldm_assets):
         LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, loss_weighting="p2"))
     with pytest.raises(ValueError, match="prediction"):
         LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, prediction_type="x0"))
+    with pytest.raises(ValueError, match="val_sampler='plms'; choose one of ddpm, ddim, dpmpp_2m"):
+        LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, val_sampler="plms"))

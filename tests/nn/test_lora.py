@@ -11,18 +11,8 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from interop_helpers import TINY_UNET_DIFFUSERS, randomize_
-from ldm.nn.lora import (
-    TEXT_ENCODER_TARGETS,
-    add_lora,
-    keep_lora_fp32,
-    load_lora,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    save_lora,
-    set_lora_scale,
-    unet_module_names_to_diffusers,
-)
+from ldm.formats.lora_files import load_lora, save_lora, unet_module_names_to_diffusers
+from ldm.nn.lora import TEXT_ENCODER_TARGETS, add_lora, keep_lora_fp32, lora_layers, lora_state_dict, merge_lora, set_lora_scale
 from ldm.nn.unet import UNetModel
 
 TINY = dict(

@@ -12,6 +12,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.data.tokenizer import train_clip_tokenizer
+from ldm.formats.text_encoder_files import load_text_encoder, new_text_encoder
 from ldm.nn.text_encoder import TextEncoder
 
 CAPTIONS = [f"a handwritten digit {d}" for d in range(10)] + [
@@ -31,7 +32,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def encoder(tokenizer_dir: Path) -> TextEncoder:
     torch.manual_seed(0)
-    return TextEncoder.from_config(tokenizer_dir, hidden_size=HIDDEN, num_layers=2, num_heads=2).eval()
+    return new_text_encoder(tokenizer_dir, hidden_size=HIDDEN, num_layers=2, num_heads=2).eval()
 
 
 def test_from_config_sizes_the_model_to_the_tokenizer(encoder: TextEncoder):
@@ -87,7 +88,7 @@ def test_unknown_layer_and_bad_sizes_raise(encoder: TextEncoder, tokenizer_dir: 
     with pytest.raises(ValueError, match="max_length"):
         TextEncoder(encoder.model, encoder.tokenizer, max_length=78)
     with pytest.raises(ValueError, match="divisible"):
-        TextEncoder.from_config(tokenizer_dir, hidden_size=30, num_heads=4)
+        new_text_encoder(tokenizer_dir, hidden_size=30, num_heads=4)
 
 
 def test_truncation_warns_with_prompt_and_dropped_count(encoder: TextEncoder):
@@ -127,14 +128,14 @@ def test_save_pretrained_round_trip_is_bit_identical(encoder: TextEncoder, tmp_p
     assert (root / "tokenizer" / "tokenizer.json").is_file()
     # The tokenizer's padding state from the last call must not leak into the saved file.
     assert json.loads((root / "tokenizer" / "tokenizer.json").read_text())["padding"] is None
-    loaded = TextEncoder.from_pretrained(root)
+    loaded = load_text_encoder(root)
     assert (loaded.layer, loaded.max_length, loaded.hidden_size) == (layer, 77, HIDDEN)
     with torch.no_grad():
         after = loaded.encode(prompts)
     assert torch.equal(before, after)
     assert torch.equal(loaded.tokenize(prompts), encoder.tokenize(prompts))
     # Explicit arguments win over what was recorded.
-    assert TextEncoder.from_pretrained(root, layer="last", max_length=20).tokenize("").shape == (1, 20)
+    assert load_text_encoder(root, layer="last", max_length=20).tokenize("").shape == (1, 20)
 
 
 def test_from_pretrained_flat_folder_and_explicit_subfolders(encoder: TextEncoder, tmp_path: Path):
@@ -145,11 +146,11 @@ def test_from_pretrained_flat_folder_and_explicit_subfolders(encoder: TextEncode
         shutil.copy(f, flat / f.name)
     with torch.no_grad():
         expected = encoder.encode("a red circle")
-        assert torch.equal(TextEncoder.from_pretrained(str(flat)).encode("a red circle"), expected)
+        assert torch.equal(load_text_encoder(str(flat)).encode("a red circle"), expected)
         renamed = tmp_path / "renamed"
         shutil.copytree(root / "text_encoder", renamed / "te")
         shutil.copytree(root / "tokenizer", renamed / "tok")
-        loaded = TextEncoder.from_pretrained(renamed, subfolder_model="te", subfolder_tokenizer="tok")
+        loaded = load_text_encoder(renamed, subfolder_model="te", subfolder_tokenizer="tok")
         assert torch.equal(loaded.encode("a red circle"), expected)
     # Loading works with the plain transformers classes too.
     assert isinstance(CLIPTextModel.from_pretrained(root / "text_encoder"), CLIPTextModel)
@@ -159,14 +160,14 @@ def test_from_pretrained_flat_folder_and_explicit_subfolders(encoder: TextEncode
 def test_from_pretrained_missing_or_incomplete_path_names_it(tmp_path: Path, encoder: TextEncoder):
     missing = tmp_path / "does_not_exist"
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
-        TextEncoder.from_pretrained(missing)
+        load_text_encoder(missing)
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
-        TextEncoder.from_pretrained(str(missing))
+        load_text_encoder(str(missing))
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="empty_folder"):
-        TextEncoder.from_pretrained(empty)
+        load_text_encoder(empty)
     no_tokenizer = tmp_path / "no_tokenizer"
     encoder.model.save_pretrained(no_tokenizer)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        TextEncoder.from_pretrained(no_tokenizer)
+        load_text_encoder(no_tokenizer)

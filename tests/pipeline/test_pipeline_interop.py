@@ -5,7 +5,8 @@ import torch
 
 from ldm.cli import main
 from ldm.formats import load_sd_checkpoint
-from ldm.nn.lora import add_lora, save_lora
+from ldm.formats.lora_files import save_lora
+from ldm.nn.lora import add_lora
 from ldm.pipeline import LatentDiffusionPipeline
 
 from test_pipeline import pipe  # noqa: F401  (the tiny pipeline fixture)

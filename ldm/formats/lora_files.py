@@ -1,0 +1,220 @@
+"""LoRA adapter files in diffusers' layout: write the adapters of a UNet / text encoder, read them back.
+
+:func:`save_lora` writes one ``.safetensors`` file in the layout diffusers' ``pipeline.load_lora_weights`` /
+``UNet2DConditionModel.load_lora_adapter(prefix="unet")`` accept: ``unet.<diffusers module path>.lora_A.weight``
+and ``text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_B.weight``, with the ``LoraConfig``
+(``r``, ``lora_alpha``, ``target_modules``) under the ``lora_adapter_metadata`` header entry so the
+scale ``alpha / rank`` is reproduced exactly by both loaders. :func:`load_lora` reads such a file back
+onto a base UNet / text encoder / pipeline. Module names are translated with the UNet key map of
+:mod:`ldm.formats.unet_keys` and the CLIP names of :mod:`ldm.formats.clip_keys`; the adapters themselves
+(peft) are :mod:`ldm.nn.lora`'s.
+
+Example:
+    >>> add_lora(unet, rank=8, alpha=8)  # ldm.nn.lora
+    >>> ...  # train: only the lora parameters have requires_grad
+    >>> save_lora("style.safetensors", unet=unet)
+    >>> load_lora(pipeline, "style.safetensors", scale=0.7)  # or diffusers: pipe.load_lora_weights(...)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ldm.formats.clip_keys import diffusers_to_transformers_clip_name, transformers_to_diffusers_clip_name
+from ldm.formats.unet_keys import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names, unet_config_of
+from ldm.nn.lora import add_lora, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
+from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.unet import UNetModel
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights(folder) reads
+_PREFIXES = ("unet", "text_encoder")
+_WRAPPER = "model."  # TextEncoder holds its CLIPTextModel as .model
+
+
+# ------------------------------------------------------------------------------------------ name maps
+
+
+def _is_lora_internal(name: str) -> bool:
+    return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
+
+
+def unet_module_names_to_diffusers(unet: UNetModel) -> dict[str, str]:
+    """Map the modules of ``unet`` (CompVis names) to their diffusers ``UNet2DConditionModel`` names.
+
+    Built from the UNet's block layout (:func:`ldm.formats.unet_keys.ldm_to_diffusers_unet_names`), so it
+    holds for any ``channel_mult``/``num_res_blocks``/``attention_resolutions``. LoRA wrappers are looked
+    through (their own name maps, their insides not); modules with no diffusers twin are left out.
+    """
+    names = (name for name, _ in unet.named_modules() if name and not _is_lora_internal(name))
+    return ldm_to_diffusers_unet_names(names, unet_config_of(unet))
+
+
+def _to_diffusers_names(module: nn.Module) -> dict[str, str]:
+    """The diffusers name of every LoRA layer of a UNet, TextEncoder or CLIPTextModel."""
+    layers = list(lora_layers(module))
+    if isinstance(module, UNetModel):
+        names = ldm_to_diffusers_unet_names(layers, unet_config_of(module))
+        unmapped = [n for n in layers if n not in names]
+        if unmapped:
+            raise ValueError(f"LoRA layers with no diffusers name: {unmapped[:3]}")
+        return names
+    wrapped = isinstance(module, TextEncoder)
+    return {n: transformers_to_diffusers_clip_name(n.removeprefix(_WRAPPER) if wrapped else n) for n in layers}
+
+
+def _from_diffusers_names(module: nn.Module, names: set[str]) -> dict[str, str]:
+    """Our module name of each diffusers layer name that exists in ``module`` (the others are left out)."""
+    if isinstance(module, UNetModel):
+        ours = diffusers_to_ldm_unet_names(names, unet_config_of(module))
+    else:
+        wrapper = _WRAPPER if isinstance(module, TextEncoder) else ""
+        ours = {n: wrapper + diffusers_to_transformers_clip_name(n) for n in names}
+    existing = {name for name, _ in module.named_modules() if name and not _is_lora_internal(name)}
+    return {theirs: mine for theirs, mine in ours.items() if mine in existing}
+
+
+# ------------------------------------------------------------------------------------------- save/load
+
+
+def save_lora(
+    path: str | Path,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    alpha: float | None = None,
+    rank: int | None = None,
+) -> Path:
+    """Write the adapters of ``unet`` and/or ``text_encoder`` to one diffusers-format ``.safetensors`` file.
+
+    Keys are ``unet.<diffusers path>.lora_{A,B}.weight`` and
+    ``text_encoder.text_model.<path>.lora_{A,B}.weight``; the header's ``lora_adapter_metadata`` holds
+    each part's ``LoraConfig`` (``unet.r``, ``unet.lora_alpha``, ``unet.target_modules``, ...), which
+    diffusers uses to rebuild the adapter with the same ``alpha / rank`` scale.
+
+    Args:
+        path: Output file (parents are created).
+        unet: A :class:`UNetModel` with LoRA layers.
+        text_encoder: A :class:`TextEncoder` or ``CLIPTextModel`` with LoRA layers.
+        alpha: Optional check: raise if the adapters were not built with this alpha.
+        rank: Optional check: raise if the adapters were not built with this rank.
+
+    Returns:
+        The path written.
+    """
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    if all(m is None for m in parts.values()):
+        raise ValueError("save_lora needs a unet and/or a text_encoder with LoRA adapters")
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, object] = {}
+    for prefix, module in parts.items():
+        if module is None:
+            continue
+        if not lora_layers(module):
+            raise ValueError(f"{prefix} has no LoRA adapters (call add_lora or load_lora first)")
+        r, a = lora_hparams(module)
+        if rank is not None and rank != r:
+            raise ValueError(f"{prefix} adapters have rank {r}, not the rank={rank} passed to save_lora")
+        if alpha is not None and float(alpha) != a:
+            raise ValueError(f"{prefix} adapters have alpha {a}, not the alpha={alpha} passed to save_lora")
+        names = _to_diffusers_names(module)
+        for key, value in lora_state_dict(module).items():
+            layer, _, param = key.partition(".lora_")
+            tensors[f"{prefix}.{names[layer]}.lora_{param}"] = value.to(torch.float32).contiguous().cpu()
+        # Target names must match in the loader's model: for CLIP without the "text_model." level, which
+        # transformers v5 flattened (peft also matches a target as a suffix after a ".").
+        targets = sorted({n.removeprefix("text_model.") for n in names.values()})
+        metadata |= {f"{prefix}.r": r, f"{prefix}.lora_alpha": a, f"{prefix}.target_modules": targets}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)}
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Tensors and parsed ``lora_adapter_metadata`` (empty dict when absent) of a LoRA ``.safetensors`` file."""
+    path = Path(path)
+    if path.is_dir() and (path / DIFFUSERS_LORA_FILE).is_file():
+        path = path / DIFFUSERS_LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist (give the .safetensors file or a folder holding {DIFFUSERS_LORA_FILE})")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+    return tensors, meta
+
+
+def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, object], prefix: str, path: Path) -> None:
+    split = {key: key.partition(".lora_") for key in tensors}
+    for key, (layer, sep, param) in split.items():
+        if not sep or param not in ("A.weight", "B.weight"):
+            raise ValueError(f"{path}: key {prefix}.{key} is not a peft/diffusers LoRA weight (lora_A/lora_B)")
+    ours = _from_diffusers_names(module, {layer for layer, _, _ in split.values()})
+    state: dict[str, torch.Tensor] = {}
+    for key, (layer, _, param) in split.items():
+        if layer not in ours:
+            raise ValueError(f"{path}: {prefix} layer {layer!r} does not exist in this {type(module).__name__}")
+        state[f"{ours[layer]}.lora_{param}"] = tensors[key]
+    if not lora_layers(module):
+        ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        rank = int(meta.get(f"{prefix}.r", 0)) or (ranks.pop() if len(ranks) == 1 else 0)
+        if not rank:
+            raise ValueError(f"{path}: {prefix} adapters have mixed ranks {sorted(ranks)} and no metadata; not supported")
+        alpha = float(meta.get(f"{prefix}.lora_alpha", rank))
+        targets = sorted({k.partition(".lora_")[0] for k in state})
+        add_lora(module, rank=rank, alpha=alpha, target_modules=targets)
+    try:
+        set_lora_state_dict(module, state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {prefix} {err}") from err
+
+
+def load_lora(target: nn.Module | object, path: str | Path, scale: float = 1.0) -> None:
+    """Load a diffusers-format LoRA file (as written by :func:`save_lora`) onto a model, in place.
+
+    Args:
+        target: A :class:`UNetModel` (reads the ``unet.`` keys), a :class:`TextEncoder` or
+            ``CLIPTextModel`` (``text_encoder.`` keys), or a pipeline-like object with ``.unet`` and
+            ``.text_encoder`` attributes (both). Models without adapters get them injected, with the
+            file's rank and alpha (from its metadata; without metadata rank from the weights and alpha
+            = rank); models that already have adapters get their weights replaced.
+        path: The ``.safetensors`` file, or a folder holding :data:`DIFFUSERS_LORA_FILE`.
+        scale: Multiplier of the adapters' ``alpha / rank`` (see :func:`ldm.nn.lora.set_lora_scale`).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not in the diffusers/peft layout or names layers the model lacks.
+    """
+    path = Path(path)
+    tensors, meta = read_lora_file(path)
+    unknown = sorted({k.split(".")[0] for k in tensors} - set(_PREFIXES))
+    if unknown:
+        raise ValueError(
+            f"{path} has keys under {unknown}; expected the diffusers/peft LoRA layout with keys "
+            "'unet.<module>.lora_A.weight' / 'text_encoder.<module>.lora_A.weight' (convert kohya-style files with diffusers first)"
+        )
+    if isinstance(target, UNetModel):
+        parts = {"unet": target}
+    elif isinstance(target, nn.Module) and not hasattr(target, "unet"):
+        parts = {"text_encoder": target}
+    else:
+        parts = {p: getattr(target, p, None) for p in _PREFIXES}
+    loaded = 0
+    for prefix, module in parts.items():
+        sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not sub:
+            continue
+        if module is None:
+            raise ValueError(f"{path} holds {prefix} adapters but the target has no {prefix}")
+        _load_part(module, sub, meta, prefix, path)
+        set_lora_scale(module, scale)
+        loaded += 1
+    if not loaded:
+        raise ValueError(f"{path} holds no adapters for {sorted(parts)} (its parts: {sorted({k.split('.')[0] for k in tensors})})")

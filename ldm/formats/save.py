@@ -1,0 +1,50 @@
+"""Write a loaded model (:class:`~ldm.formats.components.ModelComponents`) in any format we write: our folder
+(``ldm``), a diffusers Stable Diffusion folder (``diffusers``) or an original SD single file (``sd``).
+
+The pipeline's ``save_pretrained`` and ``LatentDiffusion.save_pretrained`` both come here, so every export
+carries the same configs, schedule, prediction type, sample size and sampler settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldm.formats.components import ModelComponents
+from ldm.nn.configs import AutoencoderConfig
+from ldm.formats.ldm_folder import write_pipeline_folder
+
+FORMATS = ("ldm", "diffusers", "sd")
+
+
+def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm") -> Path:
+    """Write ``parts`` at ``path`` as ``format`` (one of :data:`FORMATS`); returns the folder or file written.
+
+    Raises:
+        ValueError: for an unknown format, or an SD file not named ``.safetensors``.
+    """
+    sample_size = int(parts.sample_size or 64 * parts.vae.downsampling_factor)
+    if format == "ldm":
+        vae_config = {**parts.vae_config, "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}
+        return write_pipeline_folder(path, parts.unet_config, parts.unet.state_dict(), vae_config, parts.vae.state_dict(),
+                                     parts.text_encoder, parts.schedule.to_config(), parts.prediction_type, sample_size,
+                                     parts.sampler_config)
+    if format == "diffusers":
+        from ldm.formats.diffusers_folder import last_layer_text_encoder, write_diffusers_folder
+
+        text_model = last_layer_text_encoder(parts.text_encoder.model, parts.text_encoder.layer)
+        scheduler = {**parts.schedule.to_diffusers_scheduler_config(), **parts.sampler_config.to_dict()}
+        return write_diffusers_folder(path, parts.unet.state_dict(), parts.unet_config, parts.vae.state_dict(),
+                                      AutoencoderConfig.from_dict(parts.vae_config).to_dict(), text_model, parts.text_encoder.tokenizer, scheduler,
+                                      scheduler_class="DPMSolverMultistepScheduler", prediction_type=parts.prediction_type,
+                                      vae_scaling_factor=float(parts.scaling_factor),
+                                      sample_size=sample_size // parts.vae.downsampling_factor)
+    if format == "sd":
+        from ldm.formats.sd_single_file import write_sd_single_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
+        return write_sd_single_file(path, parts.unet, parts.unet_config, parts.vae, AutoencoderConfig.from_dict(parts.vae_config).to_dict(),
+                                    parts.text_encoder, parts.schedule.to_config(), parts.prediction_type,
+                                    float(parts.scaling_factor), sample_size, parts.sampler_config)
+    raise ValueError(f"format must be one of {', '.join(repr(f) for f in FORMATS)}, got {format!r}")
