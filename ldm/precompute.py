@@ -22,7 +22,8 @@ from ldm.data.fingerprints import file_signature, fingerprint, text_encoder_fing
 from ldm.data.precomputed import EMPTY_PROMPT_ID, FORMAT, SPLITS, TEXT_DIR
 from ldm.data.precomputed_writer import PrecomputedWriter, caption_items, image_items
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.formats.components import ModelComponents, load_components
+from ldm.formats.components import ModelComponents
+from ldm.formats.load import load_components
 from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder

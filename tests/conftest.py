@@ -60,16 +60,20 @@ def make_ldm_assets(root: Path) -> dict[str, Path]:
 
 
 def tiny_ldm_kwargs(assets: dict[str, Path], **overrides) -> dict:
+    """LatentDiffusion arguments of a tiny model; a group given as a dict (``validation={"steps": 2}``) updates only
+    those fields of the group."""
     kwargs = dict(
         autoencoder=str(assets["vae"]),
         tokenizer=str(assets["tokenizer"]),
         text_encoder_config=TINY_TEXT,
         train_text_encoder=True,
         unet=TINY_UNET,
-        learning_rate=1e-3,
-        val_prompts=["image 1", "picture 2"],
-        val_steps=3,
+        optimizer={"learning_rate": 1e-3},
+        validation={"prompts": ["image 1", "picture 2"], "steps": 3},
     )
+    for group in ("objective", "optimizer", "validation"):
+        if isinstance(overrides.get(group), dict):
+            overrides[group] = {**kwargs.get(group, {}), **overrides[group]}
     return {**kwargs, **overrides}
 
 

@@ -1,4 +1,5 @@
-"""diffusers ``StableDiffusionPipeline`` folders: read the UNet and VAE into our modules' names, write a folder diffusers loads.
+"""diffusers ``StableDiffusionPipeline`` folders: read one into our modules (:func:`read_diffusers_folder`), write a
+folder diffusers loads (:func:`write_diffusers_folder`).
 
 A folder holds ``model_index.json``, ``unet/`` and ``vae/`` (``config.json`` +
 ``diffusion_pytorch_model.safetensors``), ``text_encoder/`` and ``tokenizer/`` (transformers'
@@ -11,13 +12,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ldm.diffusion import NoiseSchedule, SamplerConfig
+from ldm.formats.components import ModelComponents
 from ldm.formats.sd_checkpoint import _contiguous_unshared
+from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.formats.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
 from ldm.formats.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
+from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.unet import UNetModel
 
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write; any recent diffusers reads them
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -51,14 +58,24 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME}.safetensors or .bin in {str(folder)!r}")
 
 
-def load_diffusers_folder(
-    path: str | Path,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Path | None, Path | None, dict[str, Any] | None]:
-    """Read a diffusers SD folder into our names.
+class DiffusersStates(NamedTuple):
+    """The weights and configs of a diffusers folder in our names, before any module is built."""
+
+    unet_state: dict[str, torch.Tensor]
+    unet_config: dict[str, Any]
+    vae_state: dict[str, torch.Tensor]
+    vae_config: dict[str, Any]
+    text_encoder_path: Path | None
+    tokenizer_path: Path | None
+    scheduler_config: dict[str, Any] | None
+
+
+def read_diffusers_states(path: str | Path) -> DiffusersStates:
+    """Read a diffusers SD folder's weights into our names (no module is built: :func:`read_diffusers_folder` builds
+    the model).
 
     Returns:
-        ``(unet_state, unet_config, vae_state, vae_config, text_encoder_path, tokenizer_path,
-        scheduler_config)``: state dicts and ``UNetModel``/``KLAutoencoder`` kwargs in our
+        State dicts and ``UNetModel``/``KLAutoencoder`` kwargs in our
         layout; the ``text_encoder/`` and ``tokenizer/`` folders (``None`` when absent) for
         ``transformers`` to load; the scheduler config dict (``None`` when absent). The VAE's
         ``scaling_factor`` stays in the diffusers config: read ``vae/config.json`` for it, or use
@@ -79,20 +96,43 @@ def load_diffusers_folder(
     text_encoder = root / "text_encoder"
     tokenizer = root / "tokenizer"
     scheduler = root / "scheduler" / "scheduler_config.json"
-    return (
-        unet_state,
-        unet_config,
-        vae_state,
-        vae_config,
-        text_encoder if text_encoder.is_dir() else None,
-        tokenizer if tokenizer.is_dir() else None,
-        _read_json(scheduler) if scheduler.is_file() else None,
-    )
+    return DiffusersStates(unet_state, unet_config, vae_state, vae_config, text_encoder if text_encoder.is_dir() else None,
+                           tokenizer if tokenizer.is_dir() else None, _read_json(scheduler) if scheduler.is_file() else None)
 
 
 def read_vae_scaling_factor(path: str | Path, default: float = 0.18215) -> float:
     """The latent scaling factor recorded in a diffusers folder's ``vae/config.json``."""
     return float(_read_json(Path(path) / "vae" / "config.json").get("scaling_factor", default))
+
+
+def read_diffusers_folder(folder: str | Path, vae_encoder: bool = True) -> ModelComponents:
+    """A diffusers Stable Diffusion folder as loaded modules in our layout; ``vae_encoder=False`` builds the VAE
+    without its encoder.
+
+    Raises:
+        FileNotFoundError: if ``model_index.json``, a config, weights, ``text_encoder/`` or ``tokenizer/`` are missing.
+        ValueError: for configurations our modules cannot express, or a scheduler setting we do not follow.
+    """
+    folder = Path(folder)
+    unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = read_diffusers_states(folder)
+    if text_path is None or tok_path is None:
+        raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
+    unet = UNetModel(**unet_config)
+    unet.load_state_dict(unet_state)
+    vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
+    vae.load_state_dict(vae_state)
+    # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
+    text_encoder = load_text_encoder(folder, layer="last")
+    sched = sched or {}
+    config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
+    latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
+    try:
+        sampler_config = SamplerConfig.from_diffusers(sched)
+    except ValueError as error:
+        raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {error}") from error
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_diffusers_scheduler_config(sched),
+                           sched.get("prediction_type", "epsilon"), config["scaling_factor"],
+                           int(latent_size) * vae.downsampling_factor, unet_config, config, sampler_config)
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:

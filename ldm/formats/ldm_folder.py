@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.diffusion.sampler_config import SamplerConfig
+from ldm.diffusion import NoiseSchedule, SamplerConfig
+from ldm.formats.components import ModelComponents
+from ldm.formats.text_encoder_files import load_text_encoder
+from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.unet import UNetModel
 
 CONFIG_NAME = "config.json"
 VAE_WEIGHTS = "model.safetensors"  # the weights file of a model folder (the autoencoder's, the UNet's)
@@ -88,3 +93,25 @@ def write_pipeline_folder(
              "text_encoder_layer": text_encoder.layer, "sample_size": int(sample_size)}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def read_ldm_folder(folder: str | Path, vae_encoder: bool = True) -> ModelComponents:
+    """Our exported folder (``model_index.json`` of a ``LatentDiffusionPipeline``) as loaded modules;
+    ``vae_encoder=False`` builds the VAE without its encoder."""
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
+    unet_config.pop("_class_name")
+    unet = UNetModel(**unet_config)
+    unet.load_state_dict(load_weights(folder / "unet", VAE_WEIGHTS))
+    vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
+    vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
+    vae.load_state_dict(load_weights(folder / "vae", VAE_WEIGHTS))
+    text_encoder = load_text_encoder(folder, layer=index.get("text_encoder_layer"))
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    prediction_type = sched.pop("prediction_type", "epsilon")
+    sched.pop("_class_name", None)
+    sampler_config, sched = SamplerConfig.split(sched)
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_config(sched), prediction_type,
+                           vae_config.get("scaling_factor", 1.0), index.get("sample_size") or vae_config.get("resolution"),
+                           unet_config, vae_config, sampler_config)  # no sample_size (old exports): the VAE's training size

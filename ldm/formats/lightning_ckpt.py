@@ -18,30 +18,45 @@ import torch
 from torch import nn
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
-from ldm.formats.components import ModelComponents, load_components
+from ldm.formats.components import ModelComponents
 from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder
 from ldm.formats.text_encoder_files import load_text_encoder, new_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
-from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.configs import AutoencoderConfig, TextEncoderConfig
 from ldm.nn.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
 from ldm.nn.text_encoder import LAYERS
 from ldm.nn.unet import UNetModel
 
-__all__ = ["components_from_hparams", "source_vae", "frozen_state_keys", "check_only_frozen_missing", "prepare_for_training",
-           "read_lightning_checkpoint", "restorable_keys"]
+__all__ = ["components_from_hparams", "source_vae", "flat_hparams", "frozen_state_keys", "check_only_frozen_missing",
+           "prepare_for_training", "read_lightning_checkpoint", "restorable_keys"]
+
+# LatentDiffusion's groups of hyper-parameters whose fields kept the names they had as flat hyper-parameters.
+HPARAM_GROUPS = ("objective", "optimizer")
+
+
+def flat_hparams(h: Mapping[str, Any]) -> dict[str, Any]:
+    """``h`` with the fields of its groups (``objective``, ``optimizer``: dicts in checkpoints) at the top level, where
+    checkpoints written before the grouping held them; so both kinds read the same. A group's value wins."""
+    flat = {k: v for k, v in h.items() if k not in HPARAM_GROUPS}
+    for group in HPARAM_GROUPS:
+        flat.update(h.get(group) or {})
+    return flat
 
 
 def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> ModelComponents:
     """The parts a ``LatentDiffusion`` with hyper-parameters ``h`` starts from: ``init_from``'s model, or a new UNet
     (``unet`` config) on a trained VAE folder (``autoencoder``) and a text encoder (``text_encoder`` or a small one
     from ``tokenizer`` + ``text_encoder_config``). ``vae_encoder=False`` builds the VAE without its encoder."""
+    h = flat_hparams(h)
     init_from = h.get("init_from")
     if init_from is not None:
         given = [name for name in ("autoencoder", "unet", "text_encoder") if h.get(name) is not None]
         if given:
             raise ValueError(f"init_from={init_from!r} brings its own VAE, UNet and text encoder; leave out {given}")
         if h.get("schedule") is not None:
-            raise ValueError("with init_from the noise schedule is the model's; leave out schedule")
+            raise ValueError("with init_from the noise schedule is the model's; leave out objective.schedule")
+        from ldm.formats.load import load_components  # a run's init_from is any layout: the loader recurses
+
         parts = load_components(init_from, use_ema=h.get("init_from_ema", True), prediction_type=h.get("prediction_type"),
                                 tokenizer=h.get("tokenizer"), vae_encoder=vae_encoder)
         layer = h.get("text_encoder_layer")
@@ -59,7 +74,8 @@ def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> M
     if h.get("text_encoder") is not None:
         text_encoder = load_text_encoder(h["text_encoder"], layer=layer)
     elif h.get("tokenizer") is not None:
-        text_encoder = new_text_encoder(h["tokenizer"], layer=layer or "last", **(h.get("text_encoder_config") or {}))
+        config = TextEncoderConfig.from_dict(h.get("text_encoder_config") or {})
+        text_encoder = new_text_encoder(h["tokenizer"], config, layer=layer or "last")
     else:
         raise ValueError("give text_encoder (a pretrained CLIP) or tokenizer (to build a small CLIP)")
     unet_config = {"context_dim": text_encoder.hidden_size, "in_channels": vae.latent_channels,

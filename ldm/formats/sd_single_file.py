@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion.parameterization import normalize_prediction_type
 from ldm.diffusion.sampler_config import SamplerConfig
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.formats.components import ModelComponents
 from ldm.formats.clip_keys import (
     clip_config_from_state,
     openclip_to_transformers,
@@ -51,27 +52,6 @@ SD_SCALING_FACTOR = 0.18215
 DEFAULT_TOKENIZERS = {"v1": "openai/clip-vit-large-patch14", "v2": "stabilityai/stable-diffusion-2-1"}
 # The original samplers: DDIM visits t = 1 + k * T // n and steps from the last one to alphas_cumprod[0].
 SD_SAMPLER = SamplerConfig(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
-
-
-@dataclass
-class SDSingleFile:
-    """The parts of a single-file model, built and loaded.
-
-    ``schedule_config`` is ``NoiseSchedule.to_config()``-style (``None``: SD's scaled-linear schedule).
-    """
-
-    unet: UNetModel
-    unet_config: dict[str, Any]
-    vae: KLAutoencoder
-    vae_config: dict[str, Any]
-    text_encoder: TextEncoder
-    schedule_config: dict[str, Any] | None
-    prediction_type: str
-    scaling_factor: float
-    sample_size: int
-    version: str
-    inpainting: bool
-    sampler_config: SamplerConfig = SD_SAMPLER
 
 
 def read_header_metadata(path: Path) -> dict[str, str]:
@@ -191,7 +171,7 @@ def read_sd_single_file(
     num_heads: int | None = None,
     num_head_channels: int | None = None,
     vae_encoder: bool = True,
-) -> SDSingleFile:
+) -> ModelComponents:
     """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely).
 
     Args:
@@ -260,8 +240,9 @@ def read_sd_single_file(
         log.warning("%s is an SD 2.x checkpoint; its prediction type cannot be read from the weights. Using epsilon "
                     "(SD 2.x 512-base); pass prediction_type='v_prediction' for the 768-v models", path)
     sampler = SamplerConfig.from_dict(stored, **SD_SAMPLER.to_dict())  # our exports store theirs; else the original's
-    return SDSingleFile(unet, unet_config, vae, vae_config, text_encoder, schedule, prediction, scaling, sample_size,
-                        variant["version"], variant["inpainting"], sampler)
+    noise = NoiseSchedule.from_config(schedule) if schedule else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, noise, prediction, scaling, sample_size, unet_config,
+                           {**vae_config, "scaling_factor": scaling}, sampler, variant=variant["version"])
 
 
 def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:

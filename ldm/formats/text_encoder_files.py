@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.nn.configs import TextEncoderConfig
 from ldm.nn.text_encoder import LAYER_CONFIG_KEY, MAX_LENGTH_CONFIG_KEY, MODEL_SUBFOLDER, TOKENIZER_SUBFOLDER, TextEncoder, check_layer
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -161,11 +162,7 @@ def _load_first(loader: type, name: str, subfolders: list[str | None], what: str
 
 def new_text_encoder(
     tokenizer: str | Path | CLIPTokenizer,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    intermediate_size: int | None = None,
-    max_length: int = 77,
+    config: TextEncoderConfig = TextEncoderConfig(),  # noqa: B008 (frozen)
     layer: str = "last",
 ) -> TextEncoder:
     """A small, randomly initialised CLIP text model sized to a tokenizer (for training from scratch).
@@ -173,11 +170,8 @@ def new_text_encoder(
     Args:
         tokenizer: Folder that ``CLIPTokenizer.from_pretrained`` loads (e.g. one written by
             :func:`ldm.data.tokenizer.train_clip_tokenizer`), or a tokenizer instance.
-        hidden_size: Width of the model, which is the cross-attention context dimension.
-        num_layers: Transformer layers.
-        num_heads: Attention heads; must divide ``hidden_size``.
-        intermediate_size: MLP width; ``4 * hidden_size`` when ``None``.
-        max_length: Sequence length, also the number of position embeddings.
+        config: Its size (:class:`~ldm.nn.configs.TextEncoderConfig`: ``hidden_size``, ``num_layers``,
+            ``num_heads``, ``intermediate_size``, ``max_length``).
         layer: ``"last"`` or ``"penultimate"`` (needs ``num_layers >= 2`` to differ from the
             embeddings).
 
@@ -189,10 +183,8 @@ def new_text_encoder(
         FileNotFoundError: If ``tokenizer`` is not a folder with tokenizer files.
     """
     check_layer(layer)
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
-    if num_layers < 1 or (layer == "penultimate" and num_layers < 2):
-        raise ValueError(f"num_layers={num_layers} is too few for layer={layer!r}.")
+    if config.num_layers < 1 or (layer == "penultimate" and config.num_layers < 2):
+        raise ValueError(f"num_layers={config.num_layers} is too few for layer={layer!r}.")
     if not isinstance(tokenizer, CLIPTokenizer):
         folder = Path(tokenizer).expanduser()
         if not _has_tokenizer_files(folder):
@@ -201,15 +193,15 @@ def new_text_encoder(
                 "merges.txt). Build one with ldm.data.tokenizer.train_clip_tokenizer(captions, path)."
             )
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    config = CLIPTextConfig(
+    clip_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        max_position_embeddings=max_length,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size or 4 * config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        max_position_embeddings=config.max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return TextEncoder(CLIPTextModel(config), tokenizer, layer=layer, max_length=max_length)
+    return TextEncoder(CLIPTextModel(clip_config), tokenizer, layer=layer, max_length=config.max_length)

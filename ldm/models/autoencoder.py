@@ -67,7 +67,7 @@ class AutoencoderKL(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        config = vae if isinstance(vae, AutoencoderConfig) else AutoencoderConfig.from_dict(vae)
+        config = AutoencoderConfig.coerce(vae)
         self.hparams["vae"] = config.to_dict()  # plain JSON in checkpoints (read back with weights_only=True)
         self.vae = KLAutoencoder(config)
         self.loss = AutoencoderLoss(

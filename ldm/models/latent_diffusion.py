@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -14,29 +13,25 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
-from ldm.diffusion import SAMPLER_REGISTRY, loss_weights, offset_noise, sample_latents, training_target
-from ldm.formats.components import ModelComponents
+from ldm.diffusion import loss_weights, offset_noise, sample_latents, training_target
 from ldm.formats.lightning_ckpt import (
     check_only_frozen_missing,
     components_from_hparams,
     frozen_state_keys,
     prepare_for_training,
     restorable_keys,
-    source_vae,
     without_dropped_encoder,
 )
-from ldm.formats.lora_files import DIFFUSERS_LORA_FILE, save_lora
-from ldm.formats.save import save_components
 from ldm.models.frozen_weights import cast_frozen
 from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
-from ldm.nn.autoencoder import KLAutoencoder
+from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
+from ldm.models.latent_export import save_trained
+from ldm.nn.configs import TextEncoderConfig
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.lora import UNET_TARGETS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_VAL_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
 
 
 def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
@@ -65,37 +60,21 @@ class LatentDiffusion(pl.LightningModule):
         tokenizer: Tokenizer folder for the small CLIP built when ``text_encoder`` is None
             (``ldm data tokenizer`` writes one); with ``init_from`` an SD single file, its tokenizer
             (such files hold none; default ``openai/clip-vit-large-patch14``, which needs network).
-        text_encoder_config: Size of that small CLIP: ``hidden_size``, ``num_layers``, ``num_heads``.
+        text_encoder_config: Size of that small CLIP (:class:`~ldm.nn.configs.TextEncoderConfig`: ``hidden_size``,
+            ``num_layers``, ``num_heads``, ...).
         text_encoder_layer: ``last`` or ``penultimate`` hidden layer as the context (SD 2.x: penultimate);
             ``None``: that of ``init_from`` (SD 2.x single files: penultimate), else ``last``.
         train_text_encoder: Train the text encoder jointly (needed for the small one); frozen otherwise.
         prediction_type: ``epsilon`` or ``v_prediction``; ``None``: that of ``init_from``, else ``epsilon``.
-        schedule: Noise schedule kind: ``linear``, ``scaled_linear`` (SD) or ``cosine``; ``None``: that of
-            ``init_from`` (all its schedule settings), else ``scaled_linear``.
-        num_timesteps: Training timesteps.
-        beta_start: First beta of the linear/scaled_linear schedule.
-        beta_end: Last beta of the linear/scaled_linear schedule.
-        zero_terminal_snr: Rescale the schedule to zero SNR at the last timestep (pair with v_prediction).
-        loss_weighting: ``uniform`` or ``min_snr``.
-        snr_gamma: Gamma of min-SNR weighting.
-        noise_offset: Offset-noise strength (0 disables).
-        cond_dropout: Probability of replacing a caption with the empty prompt (enables CFG).
-        learning_rate: AdamW peak learning rate.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        warmup_steps: Linear learning-rate warm-up steps.
-        scale_lr: Multiply ``learning_rate`` by global batch size / ``base_batch_size``.
-        base_batch_size: Reference batch size for ``scale_lr``.
+        objective: Noise schedule and training objective (:class:`ObjectiveConfig`: ``schedule``, ``num_timesteps``,
+            ``loss_weighting``, ``noise_offset``, ``cond_dropout``, ...).
+        optimizer: AdamW and its warm-up (:class:`OptimizerConfig`: ``learning_rate``, ``weight_decay``,
+            ``warmup_steps``, ``scale_lr``, ...).
         cache_dir: Where to cache VAE latents (and frozen text embeddings): handed with the frozen encoders to the
             DataModule's ``enable_latent_cache`` (``ImageCaptionDataModule``: centre crops without flips; one shard
             set per aspect-ratio bucket); None encodes every step.
-        val_prompts: Prompts sampled at each validation (image grid in the logs).
-        val_steps: Sampler steps for validation samples.
-        val_guidance: Guidance scale for validation samples.
-        val_sampler: Sampler for validation samples, a name in ``ldm.diffusion.SAMPLER_REGISTRY`` (``dpmpp_2m``,
-            ``ddim``, ``euler``, ...).
-        val_images_per_prompt: Samples per validation prompt (at the DataModule's square ``image_size``; with
-            aspect-ratio buckets, a second grid ``samples_buckets`` shows the first prompt once per training bucket).
+        validation: Samples drawn at each validation (:class:`ValidationConfig`: ``prompts``, ``steps``, ``guidance``,
+            ``sampler``, ``images_per_prompt``).
         lora_rank: LoRA rank; 0 trains all UNet weights (full fine-tune), > 0 freezes them and trains peft
             LoRA adapters on ``lora_targets`` only (fp32 even under mixed precision).
         lora_alpha: LoRA alpha (update scale ``alpha / rank``); ``None`` means ``lora_rank``.
@@ -112,6 +91,10 @@ class LatentDiffusion(pl.LightningModule):
             ``None``: ``False`` when ``ldm fit`` trains on ``PrecomputedLatentsDataModule``, else ``True``.
         seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
             so a resumed run draws exactly what an uninterrupted one would).
+
+    The grouped settings (``objective``, ``optimizer``, ``validation``, ``text_encoder_config``) take their config or a
+    dict of its fields; ``hparams`` (and so checkpoints) hold them as dicts, the module as ``self.objective``,
+    ``self.optimizer_config`` and ``self.validation``.
 
     Precomputed latents: batches that carry ``moments`` (``PrecomputedLatentsDataModule``, from ``ldm data encode``)
     are trained on without encoding images, and batches that carry ``context`` without running a frozen text
@@ -130,31 +113,14 @@ class LatentDiffusion(pl.LightningModule):
         init_from_ema: bool = True,
         text_encoder: str | None = None,
         tokenizer: str | None = None,
-        text_encoder_config: dict[str, int] | None = None,
+        text_encoder_config: TextEncoderConfig | None = None,
         text_encoder_layer: str | None = None,
         train_text_encoder: bool = False,
         prediction_type: str | None = None,
-        schedule: str | None = None,
-        num_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        zero_terminal_snr: bool = False,
-        loss_weighting: str = "uniform",
-        snr_gamma: float = 5.0,
-        noise_offset: float = 0.0,
-        cond_dropout: float = 0.1,
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.01,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        scale_lr: bool = False,
-        base_batch_size: int = 256,
+        objective: ObjectiveConfig = ObjectiveConfig(),  # noqa: B008 (frozen; jsonargparse shows it in --help)
+        optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
         cache_dir: str | None = None,
-        val_prompts: list[str] = DEFAULT_VAL_PROMPTS,  # noqa: B006
-        val_steps: int = 20,
-        val_guidance: float = 5.0,
-        val_sampler: str = "dpmpp_2m",
-        val_images_per_prompt: int = 1,
+        validation: ValidationConfig = ValidationConfig(),  # noqa: B008
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_targets: list[str] = list(UNET_TARGETS),  # noqa: B006
@@ -167,16 +133,17 @@ class LatentDiffusion(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if loss_weighting not in ("uniform", "min_snr"):
-            raise ValueError(f"loss_weighting={loss_weighting!r}; use 'uniform' or 'min_snr'")
-        if not 0.0 <= cond_dropout <= 1.0:
-            raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1]")
+        self.objective = ObjectiveConfig.coerce(objective)
+        self.optimizer_config = OptimizerConfig.coerce(optimizer)
+        self.validation = ValidationConfig.coerce(validation)
+        text_config = None if text_encoder_config is None else TextEncoderConfig.coerce(text_encoder_config).to_dict()
+        # Plain JSON in checkpoints (read back with weights_only=True, which cannot unpickle dataclasses).
+        self.hparams.update(objective=self.objective.to_dict(), optimizer=self.optimizer_config.to_dict(),
+                            validation=self.validation.to_dict(), text_encoder_config=text_config)
         if lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 = full fine-tune)")
         if frozen_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"frozen_dtype={frozen_dtype!r}; use 'bf16', 'fp16' or leave it out")
-        if val_sampler not in SAMPLER_REGISTRY:
-            raise ValueError(f"val_sampler={val_sampler!r}; choose one of {', '.join(SAMPLER_REGISTRY)}")
 
         parts = components_from_hparams(self.hparams, vae_encoder=vae_encoder is not False)
         self.prediction_type = parts.prediction_type
@@ -260,8 +227,8 @@ class LatentDiffusion(pl.LightningModule):
         b = x0.shape[0]
         context = self.context_from_batch(batch, generator, dropout)
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
-        if self.hparams.noise_offset > 0:
-            noise = offset_noise(noise, self.hparams.noise_offset, generator)
+        if self.objective.noise_offset > 0:
+            noise = offset_noise(noise, self.objective.noise_offset, generator)
         t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator, device=self.device)
         alpha, sigma = self.schedule.alpha_sigma(t, x0.ndim, x0.dtype, self.device)
         x_t = alpha * x0 + sigma * noise
@@ -269,11 +236,11 @@ class LatentDiffusion(pl.LightningModule):
         target = training_target(self.prediction_type, x0, noise, alpha, sigma)
         per_sample = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         snr = (alpha / sigma.clamp_min(1e-12)).pow(2).flatten()
-        weights = loss_weights(self.hparams.loss_weighting, snr, self.prediction_type, self.hparams.snr_gamma)
+        weights = loss_weights(self.objective.loss_weighting, snr, self.prediction_type, self.objective.snr_gamma)
         return (weights.to(per_sample) * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, self._step_generator(), self.hparams.cond_dropout)
+        loss = self.diffusion_loss(batch, self._step_generator(), self.objective.cond_dropout)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         return loss
 
@@ -283,16 +250,17 @@ class LatentDiffusion(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["text"]))
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self.trainer.global_rank != 0 or not self.hparams.val_prompts:
+        v = self.validation
+        if self.trainer.sanity_checking or self.trainer.global_rank != 0 or not v.prompts:
             return
-        prompts = [p for p in self.hparams.val_prompts for _ in range(self.hparams.val_images_per_prompt)]
-        images = self.generate(prompts, self.hparams.val_steps, self.hparams.val_guidance, self.hparams.val_sampler, self.hparams.seed)
-        nrow = math.ceil(len(prompts) / self.hparams.val_images_per_prompt)
-        log_image_grid(self, "samples", images, nrow=nrow if self.hparams.val_images_per_prompt > 1 else len(prompts))
+        prompts = [p for p in v.prompts for _ in range(v.images_per_prompt)]
+        images = self.generate(prompts, v.steps, v.guidance, v.sampler, self.hparams.seed)
+        nrow = math.ceil(len(prompts) / v.images_per_prompt)
+        log_image_grid(self, "samples", images, nrow=nrow if v.images_per_prompt > 1 else len(prompts))
         buckets = self._bucket_latent_sizes()
         if buckets:  # aspect-ratio buckets: the first prompt once at each training bucket's size, in one row
-            samples = [self.generate(prompts[:1], self.hparams.val_steps, self.hparams.val_guidance, self.hparams.val_sampler,
-                                     self.hparams.seed, latent_size=size) for size in buckets]
+            samples = [self.generate(prompts[:1], v.steps, v.guidance, v.sampler, self.hparams.seed, latent_size=size)
+                       for size in buckets]
             log_image_grid(self, "samples_buckets", pad_to_common_size(samples), nrow=len(samples))
 
     @torch.no_grad()
@@ -335,17 +303,18 @@ class LatentDiffusion(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        lr = self.hparams.learning_rate
-        if self.hparams.scale_lr:
+        config = self.optimizer_config
+        lr = config.learning_rate
+        if config.scale_lr:
             dm = self.trainer.datamodule
             global_batch = dm.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-            lr = lr * global_batch / self.hparams.base_batch_size
+            lr = lr * global_batch / config.base_batch_size
         # Fused AdamW on CUDA: no parameter-sized temporary in the step (3.2 GiB less peak for a full SD 1.5
         # fine-tune, see benchmarks/sd15_finetune_memory.py).
         fused = self.device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
-        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(self.hparams.adam_betas), weight_decay=self.hparams.weight_decay,
+        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay,
                                 fused=fused or None)
-        warmup = max(1, self.hparams.warmup_steps)
+        warmup = max(1, config.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -412,26 +381,12 @@ class LatentDiffusion(pl.LightningModule):
         return self._fingerprints
 
     # ----------------------------------------------------------------- export
-    def _whole_vae(self) -> KLAutoencoder:
-        """The VAE; without its encoder, the VAE re-read from the source (``autoencoder`` or ``init_from``), checked
-        against the encoder fingerprint taken at construction, carrying this model's decoder weights."""
-        if self.autoencoder.encoder is not None:
-            return self.autoencoder
-        source = self.hparams.init_from or self.hparams.autoencoder
-        whole = source_vae(self.hparams)
-        if whole.encoder_fingerprint() != self.autoencoder.encoder_fingerprint():
-            raise ValueError(f"the VAE encoder in {source} changed since this model was built (fingerprint "
-                             f"{whole.encoder_fingerprint()}, was {self.autoencoder.encoder_fingerprint()}): export from "
-                             "the source it was trained with")
-        whole.load_state_dict({**whole.state_dict(), **self.autoencoder.state_dict()})
-        return whole.to(self.autoencoder.post_quant_conv.weight.dtype)
-
     @property
     def is_lora(self) -> bool:
         return self.hparams.lora_rank > 0
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the trained model where ``path`` says.
+        """Write the trained model where ``path`` says (:func:`ldm.models.latent_export.save_trained`).
 
         Full training or fine-tuning: a folder a pipeline loads (``unet/``, ``vae/``, ``text_encoder/``,
         ``tokenizer/``, ``scheduler/``, ``model_index.json``; safetensors and JSON; after ``fit`` with the EMA
@@ -439,16 +394,4 @@ class LatentDiffusion(pl.LightningModule):
         ``pytorch_lora_weights.safetensors`` in the folder (diffusers' ``load_lora_weights`` file name and key
         layout; ``pipe.load_lora`` reads it) plus ``lora_info.json`` naming the base model.
         """
-        if self.is_lora:
-            folder = Path(path)
-            folder.mkdir(parents=True, exist_ok=True)
-            text = self.text_encoder.model if self.hparams.lora_text_encoder else None
-            file = save_lora(folder / DIFFUSERS_LORA_FILE, unet=self.unet, text_encoder=text)
-            info = {"base_model": self.hparams.init_from, "rank": self.hparams.lora_rank,
-                    "alpha": self.hparams.lora_alpha or self.hparams.lora_rank, "text_encoder": self.hparams.lora_text_encoder}
-            (folder / "lora_info.json").write_text(json.dumps(info, indent=2) + "\n")
-            return file
-        parts = ModelComponents(self.unet, self._whole_vae(), self.text_encoder, self.schedule, self.prediction_type,
-                                float(self.scaling_factor), self._latent_size() * self.autoencoder.downsampling_factor,
-                                self.unet_config, self.vae_config, self.sampler_config)
-        return save_components(parts, path, "ldm")
+        return save_trained(self, path)

@@ -11,14 +11,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
-__all__ = ["AutoencoderConfig", "UNetConfig"]
+__all__ = ["AutoencoderConfig", "Config", "TextEncoderConfig", "UNetConfig"]
 
-_C = TypeVar("_C", bound="_Config")
+_C = TypeVar("_C", bound="Config")
 
 
 @dataclass(frozen=True)
-class _Config:
-    """Base of the configs (a dataclass without fields, so jsonargparse reads the configs as plain dataclasses)."""
+class Config:
+    """Base of the typed configs (a dataclass without fields, so jsonargparse reads them as plain dataclasses)."""
 
     def __post_init__(self) -> None:  # sequences as tuples, so equal configs compare equal whatever they came from
         for f in fields(self):  # type: ignore[arg-type]
@@ -32,6 +32,11 @@ class _Config:
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in values.items() if k in names})
 
+    @classmethod
+    def coerce(cls: type[_C], value: _C | Mapping[str, Any]) -> _C:
+        """``value`` itself, or the config from a dict (a checkpoint's hyper-parameters, a test's arguments)."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (sequences as lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
@@ -42,7 +47,7 @@ class _Config:
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig(_Config):
+class AutoencoderConfig(Config):
     """Shape of the KL autoencoder; the defaults are Stable Diffusion's VAE.
 
     Args:
@@ -87,7 +92,7 @@ class AutoencoderConfig(_Config):
 
 
 @dataclass(frozen=True)
-class UNetConfig(_Config):
+class UNetConfig(Config):
     """Shape of the conditional UNet; the defaults are SD v1.x (for v2.x: ``num_head_channels=64,
     context_dim=1024, use_linear_in_transformer=True``).
 
@@ -131,3 +136,27 @@ class UNetConfig(_Config):
     dropout: float = 0.0
     norm_groups: int = 32
     use_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig(Config):
+    """Shape of a small, newly built CLIP text model (the demo's; a pretrained CLIP brings its own).
+
+    Args:
+        hidden_size: Width of the model, which is the cross-attention context dimension.
+        num_layers: Transformer layers.
+        num_heads: Attention heads; must divide ``hidden_size``.
+        intermediate_size: MLP width; None: ``4 * hidden_size``.
+        max_length: Sequence length, also the number of position embeddings.
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int | None = None
+    max_length: int = 77
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")

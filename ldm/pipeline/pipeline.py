@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ldm.diffusion import SAMPLER_REGISTRY, NoiseSchedule, SamplerConfig, noise_to_step, sample
 from ldm.pipeline.image_io import OUTPUT_TYPES, image_to_tensor, mask_to_latent, mask_to_tensor, tensor_to_output
-from ldm.formats.components import ModelComponents, load_components
+from ldm.formats.components import ModelComponents
+from ldm.formats.load import load_components
 from ldm.formats.save import save_components
 from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention

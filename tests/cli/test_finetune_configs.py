@@ -32,7 +32,7 @@ def test_finetune_config_runs(tmp_path, monkeypatch, tiny_sd_file, config, resul
           "--data.root", str(data), "--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
           "--data.val_fraction", "0.25", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
           "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
-          "--model.val_steps", "2"])
+          "--model.validation.steps", "2"])
     assert (tmp_path / result).is_file()
     (last,) = (tmp_path / "logs").rglob("last.ckpt")  # for --ckpt_path last
     if config == "sd-lora.yaml":

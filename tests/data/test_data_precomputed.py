@@ -158,7 +158,7 @@ def test_training_from_precomputed_latents_gives_the_image_paths_losses(tmp_path
     assets = frozen_model_assets
     _encode(assets, tmp_path / "latents", text_encoder=str(assets["text_encoder"]))
     # A frozen text encoder and heavy caption dropout: the stored context and the empty prompt's are both used.
-    kwargs = tiny_ldm_kwargs(assets, train_text_encoder=False, cond_dropout=0.5)
+    kwargs = tiny_ldm_kwargs(assets, train_text_encoder=False, objective={"cond_dropout": 0.5})
 
     pl.seed_everything(0)
     from_images = _fit(LatentDiffusion(**kwargs), ImageCaptionDataModule(root=str(assets["data"]), batch_size=4,
@@ -229,7 +229,7 @@ def test_encode_help_and_fit_from_the_cli(tmp_path, frozen_model_assets, capsys,
                     "enable_checkpointing": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
                     "callbacks": [{"class_path": "ldm.models.SavePretrained", "init_args": {"dirpath": str(tmp_path / "export")}}]},
         "model": {"class_path": "ldm.models.LatentDiffusion",
-                  "init_args": tiny_ldm_kwargs(assets, train_text_encoder=False, val_steps=2, tokenizer=None,
+                  "init_args": tiny_ldm_kwargs(assets, train_text_encoder=False, validation={"steps": 2}, tokenizer=None,
                                                text_encoder_config=None, text_encoder=str(assets["text_encoder"]))},
         "data": {"class_path": "ldm.data.PrecomputedLatentsDataModule", "init_args": {"root": str(latents), "batch_size": 4}},
     }
@@ -258,10 +258,10 @@ def test_encode_with_a_whole_models_vae_and_text_encoder(tmp_path):
     info = summary.info
     assert info["image_size"] == 32 and info["text_encoder"] == str(folder) and info["counts"]["captions"] == 49
     # A fine-tune of that model (frozen text encoder) accepts these latents and embeddings.
-    model = LatentDiffusion(init_from=str(folder), train_text_encoder=False, val_prompts=[])
+    model = LatentDiffusion(init_from=str(folder), train_text_encoder=False, validation={"prompts": []})
     assert model.frozen_fingerprints() == {"vae": info["encoder_fingerprint"], "text": info["text_encoder_fingerprint"]}
     # Half-precision frozen weights are fingerprinted before the cast, so they match the fp32 encode too.
-    half = LatentDiffusion(init_from=str(folder), train_text_encoder=False, val_prompts=[], frozen_dtype="bf16")
+    half = LatentDiffusion(init_from=str(folder), train_text_encoder=False, validation={"prompts": []}, frozen_dtype="bf16")
     assert half.autoencoder.encoder.conv_in.weight.dtype == torch.bfloat16
     assert half.frozen_fingerprints() == model.frozen_fingerprints()
     with pytest.raises(ValueError, match="same"):

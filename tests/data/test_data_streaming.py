@@ -82,7 +82,7 @@ def test_ldm_fit_trains_from_shards(tmp_path, monkeypatch):
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
                                   {"class_path": "ldm.models.SavePretrained", "init_args": {"dirpath": str(tmp_path / "export")}}]},
-        "model": {"class_path": "ldm.models.LatentDiffusion", "init_args": tiny_ldm_kwargs(assets, val_steps=2)},
+        "model": {"class_path": "ldm.models.LatentDiffusion", "init_args": tiny_ldm_kwargs(assets, validation={"steps": 2})},
         "data": {"class_path": "ldm.data.StreamingImageCaptionDataModule",
                  "init_args": {"root": str(tmp_path / "shards"), "batch_size": 4}},
     }

@@ -10,7 +10,7 @@ from interop_helpers import randomize_, tiny_clip_config
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.data.tokenizer import train_clip_tokenizer
-from ldm.formats.diffusers_folder import load_diffusers_folder, read_vae_scaling_factor, write_diffusers_folder
+from ldm.formats.diffusers_folder import read_diffusers_folder, read_diffusers_states, read_vae_scaling_factor, write_diffusers_folder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.unet import UNetModel
 
@@ -66,13 +66,18 @@ def test_written_folder_loads_in_diffusers_and_reads_back(tmp_path, diffusers, t
         ids = tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         torch.testing.assert_close(pipe.text_encoder(ids)[0], text_encoder(ids)[0])
 
-    unet_sd, unet_config, vae_sd, vae_config, te_path, tok_path, scheduler = load_diffusers_folder(folder)
+    unet_sd, unet_config, vae_sd, vae_config, te_path, tok_path, scheduler = read_diffusers_states(folder)
     assert unet_config == {**UNET, "in_channels": 4, "out_channels": 4, "num_heads": -1, "transformer_depth": 1, "norm_groups": 32}
     assert all(torch.equal(unet_sd[k], v) for k, v in unet.state_dict().items()) and unet_sd.keys() == unet.state_dict().keys()
     assert all(torch.equal(vae_sd[k], v) for k, v in vae.state_dict().items()) and vae_sd.keys() == vae.state_dict().keys()
     KLAutoencoder(**vae_config).load_state_dict(vae_sd, strict=True)
     assert te_path == folder / "text_encoder" and tok_path == folder / "tokenizer"
     assert scheduler["_class_name"] == scheduler_class and read_vae_scaling_factor(folder) == 0.18215
+    # The reader builds the whole model from it: the same weights, the folder's prediction type and scaling factor.
+    parts = read_diffusers_folder(folder)
+    assert parts.prediction_type == "v_prediction" and parts.scaling_factor == pytest.approx(0.18215)
+    assert all(torch.equal(parts.unet.state_dict()[k], v) for k, v in unet.state_dict().items())
+    assert all(torch.equal(parts.vae.state_dict()[k], v) for k, v in vae.state_dict().items())
 
 
 def test_diffusers_saved_folder_loads_into_ours(tmp_path, diffusers):
@@ -84,7 +89,7 @@ def test_diffusers_saved_folder_loads_into_ours(tmp_path, diffusers):
     reference_vae.save_pretrained(tmp_path / "vae")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
 
-    unet_sd, unet_config, vae_sd, vae_config, te_path, _, scheduler = load_diffusers_folder(tmp_path)
+    unet_sd, unet_config, vae_sd, vae_config, te_path, _, scheduler = read_diffusers_states(tmp_path)
     assert te_path is None and scheduler is None
     unet = UNetModel(**unet_config).eval()
     unet.load_state_dict(unet_sd, strict=True)
@@ -95,6 +100,6 @@ def test_diffusers_saved_folder_loads_into_ours(tmp_path, diffusers):
 
 def test_missing_folder_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_diffusers_folder(tmp_path / "nope")
+        read_diffusers_folder(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        load_diffusers_folder(tmp_path)
+        read_diffusers_folder(tmp_path)

@@ -61,7 +61,7 @@ def test_foreign_v1_file_loads_and_generates_like_the_original(tmp_path, tokeniz
     torch.save({"state_dict": state, "global_step": 1}, tmp_path / "v1.ckpt")
 
     parts = read_sd_single_file(tmp_path / "v1.ckpt", tokenizer=tokenizer_dir)
-    assert (parts.version, parts.inpainting, parts.prediction_type, parts.sample_size) == ("v1", False, "epsilon", 512)
+    assert (parts.variant, parts.unet_config["in_channels"], parts.prediction_type, parts.sample_size) == ("v1", 4, "epsilon", 512)
     assert parts.text_encoder.layer == "last" and parts.scaling_factor == pytest.approx(0.18215)
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "v1.ckpt", tokenizer=tokenizer_dir)
     for a, b in ((ref.unet, pipe.unet), (ref.vae, pipe.vae), (ref.text_encoder.model, pipe.text_encoder.model)):
@@ -91,7 +91,7 @@ def test_inpainting_file_is_detected(tmp_path, tokenizer_dir):
     ref = _reference(tokenizer_dir, V1_UNET, "quick_gelu", "last", in_channels=9)
     path = save_sd_checkpoint(tmp_path / "inpaint.safetensors", ref.unet.state_dict(), ref.vae.state_dict(), ref.text_encoder.model.state_dict())
     parts = read_sd_single_file(path, tokenizer=tokenizer_dir)
-    assert parts.inpainting and parts.unet_config["in_channels"] == 9
+    assert parts.unet_config["in_channels"] == 9
 
     pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
     assert pipe.is_inpainting_model

@@ -11,9 +11,12 @@ import torch
 
 from ldm.data import ImageCaptionDataModule
 from ldm.models import LatentDiffusion, SavePretrained
+from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
 from ldm.pipeline import LatentDiffusionPipeline
 
 KW = dict(num_inference_steps=4, guidance_scale=3.0, seed=2, progress=False, output_type="pt")
+NO_CAPTION_DROPOUT = ObjectiveConfig(cond_dropout=0.0)
+NO_SAMPLES = ValidationConfig(prompts=[])
 PROMPT = "picture 3"
 
 
@@ -57,8 +60,8 @@ def _fixed_loss(model: LatentDiffusion, base) -> float:
 
 def _finetune(base, tmp_path, source: str, steps: int, **kwargs) -> tuple[LatentDiffusion, float, float]:
     pl.seed_everything(0)
-    model = LatentDiffusion(init_from=str(base[source]), learning_rate=kwargs.pop("learning_rate", 3e-3), cond_dropout=0.0,
-                            val_prompts=[], cache_dir=str(tmp_path / "cache"), **kwargs)
+    model = LatentDiffusion(init_from=str(base[source]), optimizer=OptimizerConfig(learning_rate=kwargs.pop("learning_rate", 3e-3)),
+                            objective=NO_CAPTION_DROPOUT, validation=NO_SAMPLES, cache_dir=str(tmp_path / "cache"), **kwargs)
     before = _fixed_loss(model, base)
     trainer = _trainer(tmp_path, steps, callbacks=[SavePretrained(str(tmp_path / "out"))])
     trainer.fit(model, datamodule=_dm(base))
@@ -117,7 +120,8 @@ def test_full_finetune_from_diffusers_folder_trains_the_unet_only(base, tmp_path
 
 def test_lora_checkpoint_is_slim_and_resumes(base, tmp_path):
     pl.seed_everything(0)
-    kwargs = dict(init_from=str(base["ours"]), lora_rank=2, learning_rate=1e-2, cond_dropout=0.0, val_prompts=[])
+    kwargs = dict(init_from=str(base["ours"]), lora_rank=2, optimizer=OptimizerConfig(learning_rate=1e-2), objective=NO_CAPTION_DROPOUT,
+                  validation=NO_SAMPLES)
     model = LatentDiffusion(**kwargs)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _trainer(tmp_path, 3, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(model, datamodule=_dm(base))
@@ -159,7 +163,7 @@ def _components(model: LatentDiffusion):
 def test_frozen_half_precision_with_bf16_mixed(base, tmp_path):
     pl.seed_everything(0)
     model = LatentDiffusion(init_from=str(base["ours"]), lora_rank=2, frozen_dtype="bf16", gradient_checkpointing=True,
-                            cond_dropout=0.0, val_prompts=["image 1"], val_steps=2)
+                            objective=NO_CAPTION_DROPOUT, validation=ValidationConfig(prompts=["image 1"], steps=2))
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)

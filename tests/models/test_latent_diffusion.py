@@ -143,8 +143,8 @@ def test_constructor_rejects_bad_arguments(ldm_assets):
     with pytest.raises(ValueError, match="tokenizer"):
         LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, tokenizer=None))
     with pytest.raises(ValueError, match="loss_weighting"):
-        LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, loss_weighting="p2"))
+        LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, objective={"loss_weighting": "p2"}))
     with pytest.raises(ValueError, match="prediction"):
         LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, prediction_type="x0"))
-    with pytest.raises(ValueError, match="val_sampler='plms'; choose one of ddpm, ddim, dpmpp_2m"):
-        LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, val_sampler="plms"))
+    with pytest.raises(ValueError, match="validation.sampler='plms'; choose one of ddpm, ddim, dpmpp_2m"):
+        LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, validation={"sampler": "plms"}))

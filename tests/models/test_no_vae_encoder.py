@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import TINY_VAE, TINY_VAE_SHAPE, tiny_ldm_kwargs
 from ldm.data import ImageCaptionDataModule, PrecomputedLatentsDataModule
 from ldm.models import AutoencoderKL, LatentDiffusion
-from ldm.formats.components import load_components
+from ldm.formats.load import load_components
 from ldm.precompute import encode_dataset
 from ldm.nn.autoencoder import KLAutoencoder
 
@@ -93,7 +93,7 @@ def test_training_from_latents_without_the_encoder(tmp_path, ldm_assets):
     assets = ldm_assets
     latents = tmp_path / "latents"
     encode_dataset(str(assets["data"]), assets["vae"], latents, batch_size=8, val_fraction=0.25, device="cpu")
-    kwargs = tiny_ldm_kwargs(assets, val_prompts=[])
+    kwargs = tiny_ldm_kwargs(assets, validation={"prompts": []})
 
     pl.seed_everything(0)
     model = LatentDiffusion(**kwargs, vae_encoder=False)

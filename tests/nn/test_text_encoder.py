@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.data.tokenizer import train_clip_tokenizer
 from ldm.formats.text_encoder_files import load_text_encoder, new_text_encoder
+from ldm.nn.configs import TextEncoderConfig
 from ldm.nn.text_encoder import TextEncoder
 
 CAPTIONS = [f"a handwritten digit {d}" for d in range(10)] + [
@@ -32,7 +33,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def encoder(tokenizer_dir: Path) -> TextEncoder:
     torch.manual_seed(0)
-    return new_text_encoder(tokenizer_dir, hidden_size=HIDDEN, num_layers=2, num_heads=2).eval()
+    return new_text_encoder(tokenizer_dir, TextEncoderConfig(hidden_size=HIDDEN, num_layers=2, num_heads=2)).eval()
 
 
 def test_from_config_sizes_the_model_to_the_tokenizer(encoder: TextEncoder):
@@ -88,7 +89,7 @@ def test_unknown_layer_and_bad_sizes_raise(encoder: TextEncoder, tokenizer_dir: 
     with pytest.raises(ValueError, match="max_length"):
         TextEncoder(encoder.model, encoder.tokenizer, max_length=78)
     with pytest.raises(ValueError, match="divisible"):
-        new_text_encoder(tokenizer_dir, hidden_size=30, num_heads=4)
+        new_text_encoder(tokenizer_dir, TextEncoderConfig(hidden_size=30, num_heads=4))
 
 
 def test_truncation_warns_with_prompt_and_dropped_count(encoder: TextEncoder):

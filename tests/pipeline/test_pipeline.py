@@ -11,6 +11,7 @@ from ldm.data.tokenizer import train_clip_tokenizer
 from ldm.diffusion import NoiseSchedule
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.formats.text_encoder_files import new_text_encoder
+from ldm.nn.configs import TextEncoderConfig
 from ldm.nn.unet import UNetModel
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -22,7 +23,7 @@ def pipe(tmp_path_factory) -> LatentDiffusionPipeline:
     torch.manual_seed(0)
     tok = train_clip_tokenizer([f"a red circle {i}" for i in range(30)] + ["a blue square", "a green triangle"],
                                tmp_path_factory.mktemp("tok"), vocab_size=600)
-    text = new_text_encoder(tok, **TINY_TEXT)
+    text = new_text_encoder(tok, TextEncoderConfig(**TINY_TEXT))
     unet_config = dict(TINY_UNET, context_dim=text.hidden_size, in_channels=4, out_channels=4)
     unet = UNetModel(**unet_config)
     with torch.no_grad():  # CompVis zero-initialises output layers; give the untrained UNet a real response

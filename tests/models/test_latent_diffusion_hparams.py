@@ -1,0 +1,55 @@
+"""LatentDiffusion's grouped settings: typed on the module, plain dicts in checkpoints, and checkpoints written with the
+older flat hyper-parameters still read the same."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from conftest import TINY_TEXT, tiny_ldm_kwargs
+from ldm.formats.lightning_ckpt import read_lightning_checkpoint
+from ldm.models import LatentDiffusion
+from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
+from ldm.nn.configs import TextEncoderConfig
+
+GROUPS = ("objective", "optimizer", "validation")
+
+
+def _weights_only_round_trip(ckpt: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_groups_are_typed_on_the_module_and_plain_dicts_in_hparams(ldm_assets):
+    model = LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, objective=ObjectiveConfig(schedule="linear", num_timesteps=500),
+                                              validation={"prompts": ["image 1"], "steps": 2}))
+    assert model.objective == ObjectiveConfig(schedule="linear", num_timesteps=500)
+    assert model.optimizer_config == OptimizerConfig(learning_rate=1e-3)
+    assert model.validation == ValidationConfig(prompts=("image 1",), steps=2)
+    assert model.schedule.num_timesteps == 500
+    h = model.hparams
+    assert h["objective"]["schedule"] == "linear" and h["validation"]["prompts"] == ["image 1"]
+    assert h["text_encoder_config"] == TextEncoderConfig(**TINY_TEXT).to_dict()
+    assert all(type(h[name]) is dict for name in (*GROUPS, "text_encoder_config"))
+
+
+def test_checkpoints_with_flat_hparams_read_like_grouped_ones(ldm_assets):
+    model = LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, objective={"schedule": "linear", "num_timesteps": 500}))
+    grouped = dict(model.hparams)
+    # The hyper-parameters a checkpoint held before the grouping: every field at the top level.
+    flat = {k: v for k, v in grouped.items() if k not in GROUPS}
+    flat.update(grouped["objective"], **grouped["optimizer"], **{f"val_{k}": v for k, v in grouped["validation"].items()})
+    flat["text_encoder_config"] = dict(TINY_TEXT)
+    state = model.state_dict()
+    for hparams in (grouped, flat):
+        ckpt = _weights_only_round_trip({"hyper_parameters": hparams, "state_dict": state})
+        parts = read_lightning_checkpoint(Path("run.ckpt"), ckpt)
+        assert parts.schedule.kind == "linear" and parts.schedule.num_timesteps == 500
+        torch.testing.assert_close(parts.schedule.alphas_cumprod, model.schedule.alphas_cumprod)
+        assert parts.text_encoder.hidden_size == TINY_TEXT["hidden_size"]
+        for name, value in parts.unet.state_dict().items():
+            torch.testing.assert_close(value, state[f"unet.{name}"])
