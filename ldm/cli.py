@@ -77,107 +77,6 @@ def _run_help(args: list[str]) -> None:
             raise
 
 
-def _data_main(args: list[str]) -> None:
-    from ldm.data import BUILTIN_DATASETS, prepare_builtin
-
-    parser = argparse.ArgumentParser(prog="ldm data", description="Prepare the bundled datasets.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write a built-in dataset as images + metadata.jsonl")
-    prep.add_argument("name", choices=sorted(BUILTIN_DATASETS), help="built-in dataset")
-    prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--image-size", type=int, default=None, help="image size in pixels (shapes: 32 or 64)")
-    prep.add_argument("--num-images", type=int, default=None, help="number of images (shapes only)")
-    prep.add_argument("--seed", type=int, default=None, help="random seed (shapes only)")
-    tok = sub.add_parser("tokenizer", help="train a small CLIP-style BPE tokenizer on a dataset's captions")
-    tok.add_argument("root", help="dataset folder or built-in name")
-    tok.add_argument("--out", required=True, help="output folder (loadable with CLIPTokenizer.from_pretrained)")
-    tok.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    tok.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary to learn")
-    _add_encode_parser(sub)
-    opt = sub.add_parser("optimize", help="write a dataset (folder or built-in) as litdata shards for streaming")
-    opt.add_argument("root", help="dataset folder or built-in name (anything --data.root accepts)")
-    opt.add_argument("--out", required=True, help="output directory (train/ and val/ litdata directories)")
-    opt.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    opt.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    opt.add_argument("--resize", type=int, default=None, help="re-encode with the shorter side at most this many pixels")
-    opt.add_argument("--chunk-bytes", default="64MB", help="target chunk size")
-    opt.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
-    ns = parser.parse_args(args)
-    if ns.command == "optimize":
-        from ldm.data.shards import optimize_dataset
-
-        summary = optimize_dataset(ns.root, ns.out, workers=ns.workers, resize=ns.resize, chunk_bytes=ns.chunk_bytes,
-                                   data_dir=ns.data_dir, val_fraction=ns.val_fraction, progress=True)
-        print(f"Wrote {summary['splits']['train']} training and {summary['splits']['val']} validation images to {ns.out} "
-              f"({len(summary['skipped'])} unreadable skipped)")
-        return
-    if ns.command == "encode":
-        _encode_main(ns)
-        return
-    if ns.command == "tokenizer":
-        from ldm.data import ImageCaptionDataModule
-        from ldm.data.tokenizer import train_clip_tokenizer
-
-        dm = ImageCaptionDataModule(root=ns.root, data_dir=ns.data_dir)
-        dm.prepare_data()
-        dm.setup("fit")
-        captions = [c for ds in (dm.train_dataset, dm.val_dataset) for r in ds.records for c in r.captions]
-        path = train_clip_tokenizer(captions, ns.out, vocab_size=ns.vocab_size)
-        print(f"Trained a tokenizer on {len(captions)} captions; wrote {path}")
-        return
-    options = {k: v for k, v in {"image_size": ns.image_size, "num_images": ns.num_images, "seed": ns.seed}.items() if v is not None}
-    path = prepare_builtin(ns.name, ns.out, **options)
-    print(f"Prepared {ns.name} in {path}")
-
-
-def _add_encode_parser(sub) -> None:
-    enc = sub.add_parser(
-        "encode", help="encode a dataset once with a frozen VAE (and text encoder) into precomputed latents (litdata)",
-        description="Write the VAE posterior moments of every training and validation image (centre crop, no flip: what "
-                    "training sees), their captions and split, and optionally the text embeddings of every distinct "
-                    "caption, as litdata chunks under --out, with --out/ldm_latents.json. Rerun the same command to "
-                    "resume an interrupted encode. Train with: ldm fit ... --data ldm.data.PrecomputedLatentsDataModule "
-                    "--data.root OUT")
-    enc.add_argument("src", help="dataset folder or built-in name (anything --data.root accepts)")
-    enc.add_argument("--vae", required=True, metavar="MODEL",
-                     help="VAE folder (AutoencoderKL.save_pretrained, e.g. checkpoints/digits-vae), or a model "
-                          "(ldm export, diffusers folder, LatentDiffusion .ckpt, SD single file): its VAE")
-    enc.add_argument("--out", required=True, help="output folder")
-    enc.add_argument("--text-encoder", default=None, metavar="MODEL_OR_FOLDER",
-                     help="also write frozen text-encoder embeddings: a CLIP text encoder folder or hub id, a model folder "
-                          "with text_encoder/ and tokenizer/, or 'same' for the text encoder of the --vae model")
-    enc.add_argument("--text-encoder-layer", default=None, choices=["last", "penultimate"],
-                     help="hidden layer used as context (default: the one recorded with the text encoder)")
-    enc.add_argument("--image-size", type=int, default=None, help="training image size (default: the VAE's training size)")
-    enc.add_argument("--batch-size", type=int, default=32, help="images (captions) per encoder call")
-    enc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    enc.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                     help="storage of moments and embeddings (float16: half the size; read back as float32)")
-    enc.add_argument("--chunk-bytes", default="64MB", help="target litdata chunk size")
-    enc.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
-    enc.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    enc.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
-    enc.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
-    enc.add_argument("--buckets", action="store_true", help="aspect-ratio buckets: each image's latents at its bucket size")
-    enc.add_argument("--bucket-multiple", type=int, default=64, help="bucket sides are multiples of this (as --data.bucket_multiple)")
-    enc.add_argument("--bucket-max-ratio", type=float, default=2.0, help="widest bucket aspect ratio (as --data.bucket_max_ratio)")
-
-
-def _encode_main(ns: argparse.Namespace) -> None:
-    from ldm.precompute import encode_dataset
-
-    summary = encode_dataset(ns.src, ns.vae, ns.out, text_encoder=ns.text_encoder, text_encoder_layer=ns.text_encoder_layer,
-                             image_size=ns.image_size, batch_size=ns.batch_size, device=ns.device, dtype=ns.dtype,
-                             chunk_bytes=ns.chunk_bytes, part_size=ns.part_size, data_dir=ns.data_dir,
-                             val_fraction=ns.val_fraction, num_workers=ns.num_workers, buckets=ns.buckets,
-                             bucket_multiple=ns.bucket_multiple, bucket_max_ratio=ns.bucket_max_ratio)
-    counts = summary.info["counts"]
-    done = "already complete; nothing encoded" if summary.already_complete else "parts written: " + ", ".join(
-        f"{name} {len(parts)}" for name, parts in summary.parts_written.items())
-    print(f"{ns.out}: {counts['train']} training and {counts['val']} validation latents, {counts['captions']} caption "
-          f"embeddings ({done}). Train with --data ldm.data.PrecomputedLatentsDataModule --data.root {ns.out}")
-
-
 def _reconstruct_main(args: list[str]) -> None:
     import torch
     from torch.utils.data import DataLoader
@@ -373,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ldm`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "data":
-        _data_main(args[1:])
+        from ldm.cli_data import data_main
+
+        data_main(args[1:])
     elif args and args[0] == "generate":
         _generate_main(args[1:])
     elif args and args[0] == "convert":

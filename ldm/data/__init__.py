@@ -12,7 +12,7 @@ _EXPORTS = {
     "prepare_builtin": "builtin",
     "ImageCaptionDataModule": "datamodule",
     "ImageCaptionDataset": "dataset",
-    "build_transform": "dataset",
+    "build_transform": "transforms",
     "BadImageError": "images",
     "load_rgb": "images",
     "PrecomputedLatentsDataset": "precomputed",

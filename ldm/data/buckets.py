@@ -21,7 +21,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ldm.data.dataset import CROP_CHOICES, build_transform
+from ldm.data.transforms import CROP_CHOICES, build_transform
 
 __all__ = [
     "CoverCrop",
@@ -252,13 +252,13 @@ class CoverCrop(v2.Transform):
 
 
 def _to_model_range_steps() -> list[v2.Transform]:
-    """The PIL -> ``FloatTensor`` in [-1, 1] steps of `ldm.data.dataset.build_transform`: its steps
+    """The PIL -> ``FloatTensor`` in [-1, 1] steps of `ldm.data.transforms.build_transform`: its steps
     from ``v2.ToImage`` on, taken from it so the two transforms cannot drift apart."""
     steps = list(build_transform(1).transforms)
     starts = [i for i, step in enumerate(steps) if isinstance(step, v2.ToImage)]
     if not starts:
         raise RuntimeError(
-            "ldm.data.dataset.build_transform no longer has a v2.ToImage step; update ldm/data/buckets.py"
+            "ldm.data.transforms.build_transform no longer has a v2.ToImage step; update ldm/data/buckets.py"
         )
     return steps[starts[0]:]
 
@@ -267,7 +267,7 @@ def bucket_transform(height: int, width: int, crop: str = "center", random_flip:
     """Build the PIL-RGB-image -> ``FloatTensor[3, height, width]`` in [-1, 1] transform of a bucket.
 
     The image is resized to cover the bucket (see `CoverCrop`) and centre- or randomly cropped,
-    optionally flipped, then normalised exactly as `ldm.data.dataset.build_transform` does; for a
+    optionally flipped, then normalised exactly as `ldm.data.transforms.build_transform` does; for a
     square bucket and a square image the two give the same tensor.
 
     Args:

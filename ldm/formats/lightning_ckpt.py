@@ -4,13 +4,17 @@
 this reader builds the same parts the same way, then loads the checkpoint's ``state_dict`` into them: no import of
 the LightningModule (no cycle between the format layer and the training layer) and no Lightning at inference.
 
+A run's ``init_from`` may be any layout, so these functions take the loader (``load``:
+:func:`~ldm.formats.load.load_components`, which dispatches back here for ``.ckpt`` files) as an argument rather than
+importing it: the modules import each other in one direction only.
+
 A fine-tune's checkpoint (``init_from``) may omit every frozen weight, and any run's may omit the VAE's (both are
 re-read from their sources); :func:`restorable_keys` says which keys may be missing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ from ldm.nn.unet import UNetModel
 __all__ = ["components_from_hparams", "source_vae", "flat_hparams", "frozen_state_keys", "check_only_frozen_missing",
            "prepare_for_training", "read_lightning_checkpoint", "restorable_keys"]
 
+Loader = Callable[..., ModelComponents]  # load_components' signature: (path, use_ema=, prediction_type=, ...)
+
 # LatentDiffusion's groups of hyper-parameters whose fields kept the names they had as flat hyper-parameters.
 HPARAM_GROUPS = ("objective", "optimizer")
 
@@ -43,10 +49,11 @@ def flat_hparams(h: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> ModelComponents:
+def components_from_hparams(h: Mapping[str, Any], load: Loader, vae_encoder: bool = True) -> ModelComponents:
     """The parts a ``LatentDiffusion`` with hyper-parameters ``h`` starts from: ``init_from``'s model, or a new UNet
     (``unet`` config) on a trained VAE folder (``autoencoder``) and a text encoder (``text_encoder`` or a small one
-    from ``tokenizer`` + ``text_encoder_config``). ``vae_encoder=False`` builds the VAE without its encoder."""
+    from ``tokenizer`` + ``text_encoder_config``). ``load`` reads ``init_from``; ``vae_encoder=False`` builds the VAE
+    without its encoder."""
     h = flat_hparams(h)
     init_from = h.get("init_from")
     if init_from is not None:
@@ -55,10 +62,8 @@ def components_from_hparams(h: Mapping[str, Any], vae_encoder: bool = True) -> M
             raise ValueError(f"init_from={init_from!r} brings its own VAE, UNet and text encoder; leave out {given}")
         if h.get("schedule") is not None:
             raise ValueError("with init_from the noise schedule is the model's; leave out objective.schedule")
-        from ldm.formats.load import load_components  # a run's init_from is any layout: the loader recurses
-
-        parts = load_components(init_from, use_ema=h.get("init_from_ema", True), prediction_type=h.get("prediction_type"),
-                                tokenizer=h.get("tokenizer"), vae_encoder=vae_encoder)
+        parts = load(init_from, use_ema=h.get("init_from_ema", True), prediction_type=h.get("prediction_type"),
+                     tokenizer=h.get("tokenizer"), vae_encoder=vae_encoder)
         layer = h.get("text_encoder_layer")
         if layer is not None:
             if layer not in LAYERS:
@@ -94,11 +99,11 @@ def _vae_from_folder(path: str, vae_encoder: bool) -> tuple[KLAutoencoder, dict[
     return vae, config
 
 
-def source_vae(h: Mapping[str, Any]) -> KLAutoencoder:
+def source_vae(h: Mapping[str, Any], load: Loader) -> KLAutoencoder:
     """The whole VAE (encoder included) of hyper-parameters ``h``, re-read from its source: the ``autoencoder`` folder
     (only the VAE is read) or ``init_from``'s model."""
     if h.get("init_from") is not None:
-        return components_from_hparams(h).vae
+        return components_from_hparams(h, load).vae
     return _vae_from_folder(h["autoencoder"], True)[0].eval()
 
 
@@ -166,12 +171,12 @@ class _RunModules(nn.Module):
         self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
 
 
-def read_lightning_checkpoint(path: Path, ckpt: Mapping[str, Any], use_ema: bool = True,
+def read_lightning_checkpoint(path: Path, ckpt: Mapping[str, Any], load: Loader, use_ema: bool = True,
                               vae_encoder: bool = True) -> ModelComponents:
     """The model in a ``LatentDiffusion`` checkpoint (``ckpt``, already read with ``weights_only=True``): EMA weights
     (the ``state_dict``) unless ``use_ema`` is false and the raw ones were kept; fp32; LoRA adapters unmerged."""
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    parts = components_from_hparams(hparams, vae_encoder)
+    parts = components_from_hparams(hparams, load, vae_encoder)
     modules = _RunModules(parts)
     prepare_for_training(modules, hparams)
     state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]

@@ -85,7 +85,7 @@ def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, predicti
             ckpt = None
         if isinstance(ckpt, dict) and "unet" in ckpt.get("hyper_parameters", {}):
             _no_head_override(path, num_heads, num_head_channels)
-            return read_lightning_checkpoint(path, ckpt, use_ema, vae_encoder)
+            return read_lightning_checkpoint(path, ckpt, load_components, use_ema, vae_encoder)
         del ckpt
     return read_sd_single_file(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer,
                                num_heads=num_heads, num_head_channels=num_head_channels, vae_encoder=vae_encoder)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
 from ldm.diffusion import loss_weights, offset_noise, sample_latents, training_target
+from ldm.formats.load import load_components
 from ldm.formats.lightning_ckpt import (
     check_only_frozen_missing,
     components_from_hparams,
@@ -145,7 +146,7 @@ class LatentDiffusion(pl.LightningModule):
         if frozen_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"frozen_dtype={frozen_dtype!r}; use 'bf16', 'fp16' or leave it out")
 
-        parts = components_from_hparams(self.hparams, vae_encoder=vae_encoder is not False)
+        parts = components_from_hparams(self.hparams, load_components, vae_encoder=vae_encoder is not False)
         self.prediction_type = parts.prediction_type
         self.autoencoder = parts.vae
         self.vae_config = parts.vae_config

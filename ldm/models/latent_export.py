@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ldm.formats.components import ModelComponents
 from ldm.formats.lightning_ckpt import source_vae
+from ldm.formats.load import load_components
 from ldm.formats.lora_files import DIFFUSERS_LORA_FILE, save_lora
 from ldm.formats.save import save_components
 from ldm.nn.autoencoder import KLAutoencoder
@@ -24,7 +25,7 @@ def whole_vae(model: LatentDiffusion) -> KLAutoencoder:
     if model.autoencoder.encoder is not None:
         return model.autoencoder
     source = model.hparams.init_from or model.hparams.autoencoder
-    whole = source_vae(model.hparams)
+    whole = source_vae(model.hparams, load_components)
     if whole.encoder_fingerprint() != model.autoencoder.encoder_fingerprint():
         raise ValueError(f"the VAE encoder in {source} changed since this model was built (fingerprint "
                          f"{whole.encoder_fingerprint()}, was {model.autoencoder.encoder_fingerprint()}): export from "

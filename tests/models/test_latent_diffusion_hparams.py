@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY_TEXT, tiny_ldm_kwargs
 from ldm.formats.lightning_ckpt import read_lightning_checkpoint
+from ldm.formats.load import load_components
 from ldm.models import LatentDiffusion
 from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
 from ldm.nn.configs import TextEncoderConfig
@@ -47,7 +48,7 @@ def test_checkpoints_with_flat_hparams_read_like_grouped_ones(ldm_assets):
     state = model.state_dict()
     for hparams in (grouped, flat):
         ckpt = _weights_only_round_trip({"hyper_parameters": hparams, "state_dict": state})
-        parts = read_lightning_checkpoint(Path("run.ckpt"), ckpt)
+        parts = read_lightning_checkpoint(Path("run.ckpt"), ckpt, load_components)
         assert parts.schedule.kind == "linear" and parts.schedule.num_timesteps == 500
         torch.testing.assert_close(parts.schedule.alphas_cumprod, model.schedule.alphas_cumprod)
         assert parts.text_encoder.hidden_size == TINY_TEXT["hidden_size"]
