@@ -8,10 +8,9 @@ Readers: :func:`~ldm.formats.ldm_folder.read_ldm_folder`, :func:`~ldm.formats.di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from ldm.diffusion import NoiseSchedule, SamplerConfig
 from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig, UNetConfig
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 
@@ -29,7 +28,15 @@ class ModelComponents:
     prediction_type: str
     scaling_factor: float
     sample_size: int | None
-    unet_config: dict[str, Any]
-    vae_config: dict[str, Any]
     sampler_config: SamplerConfig = SamplerConfig()
     variant: str | None = None  # the Stable Diffusion family of a single file ("v1", "v2"), when read from one
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        """The UNet's shape (the module's own record)."""
+        return self.unet.config
+
+    @property
+    def vae_config(self) -> AutoencoderConfig:
+        """The autoencoder's shape (the module's own record)."""
+        return self.vae.config

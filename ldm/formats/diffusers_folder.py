@@ -124,15 +124,14 @@ def read_diffusers_folder(folder: str | Path, vae_encoder: bool = True) -> Model
     # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
     text_encoder = load_text_encoder(folder, layer="last")
     sched = sched or {}
-    config = {**vae_config, "scaling_factor": read_vae_scaling_factor(folder)}
     latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
     try:
         sampler_config = SamplerConfig.from_diffusers(sched)
     except ValueError as error:
         raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {error}") from error
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_diffusers_scheduler_config(sched),
-                           sched.get("prediction_type", "epsilon"), config["scaling_factor"],
-                           int(latent_size) * vae.downsampling_factor, unet_config, config, sampler_config)
+                           sched.get("prediction_type", "epsilon"), read_vae_scaling_factor(folder),
+                           int(latent_size) * vae.downsampling_factor, sampler_config)
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:

@@ -114,4 +114,4 @@ def read_ldm_folder(folder: str | Path, vae_encoder: bool = True) -> ModelCompon
     sampler_config, sched = SamplerConfig.split(sched)
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_config(sched), prediction_type,
                            vae_config.get("scaling_factor", 1.0), index.get("sample_size") or vae_config.get("resolution"),
-                           unet_config, vae_config, sampler_config)  # no sample_size (old exports): the VAE's training size
+                           sampler_config)  # no sample_size (old exports): the VAE's training size

@@ -89,7 +89,7 @@ def components_from_hparams(h: Mapping[str, Any], load: Loader, vae_encoder: boo
                              h.get("beta_end", 0.012), h.get("zero_terminal_snr", False))
     return ModelComponents(UNetModel(**unet_config), vae.eval(), text_encoder, schedule,
                            normalize_prediction_type(h.get("prediction_type") or "epsilon"),
-                           float(vae_config.get("scaling_factor", 1.0)), None, unet_config, vae_config, SamplerConfig())
+                           float(vae_config.get("scaling_factor", 1.0)), None, SamplerConfig())
 
 
 def _vae_from_folder(path: str, vae_encoder: bool) -> tuple[KLAutoencoder, dict[str, Any]]:
@@ -186,7 +186,6 @@ def read_lightning_checkpoint(path: Path, ckpt: Mapping[str, Any], load: Loader,
     modules.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32
     image_size = ckpt.get("ldm_image_size") or ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
     parts.scaling_factor = float(modules.scaling_factor)
-    parts.vae_config = {**parts.vae_config, "scaling_factor": parts.scaling_factor}
     parts.sample_size = image_size
     parts.unet.eval()
     parts.text_encoder.eval()

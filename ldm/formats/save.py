@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldm.formats.components import ModelComponents
-from ldm.nn.configs import AutoencoderConfig
 from ldm.formats.ldm_folder import write_pipeline_folder
 
 FORMATS = ("ldm", "diffusers", "sd")
@@ -24,8 +23,8 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
     """
     sample_size = int(parts.sample_size or 64 * parts.vae.downsampling_factor)
     if format == "ldm":
-        vae_config = {**parts.vae_config, "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}
-        return write_pipeline_folder(path, parts.unet_config, parts.unet.state_dict(), vae_config, parts.vae.state_dict(),
+        vae_config = {**parts.vae_config.to_dict(), "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}
+        return write_pipeline_folder(path, parts.unet_config.to_dict(), parts.unet.state_dict(), vae_config, parts.vae.state_dict(),
                                      parts.text_encoder, parts.schedule.to_config(), parts.prediction_type, sample_size,
                                      parts.sampler_config)
     if format == "diffusers":
@@ -33,8 +32,8 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
 
         text_model = last_layer_text_encoder(parts.text_encoder.model, parts.text_encoder.layer)
         scheduler = {**parts.schedule.to_diffusers_scheduler_config(), **parts.sampler_config.to_dict()}
-        return write_diffusers_folder(path, parts.unet.state_dict(), parts.unet_config, parts.vae.state_dict(),
-                                      AutoencoderConfig.from_dict(parts.vae_config).to_dict(), text_model, parts.text_encoder.tokenizer, scheduler,
+        return write_diffusers_folder(path, parts.unet.state_dict(), parts.unet_config.to_dict(), parts.vae.state_dict(),
+                                      parts.vae_config.to_dict(), text_model, parts.text_encoder.tokenizer, scheduler,
                                       scheduler_class="DPMSolverMultistepScheduler", prediction_type=parts.prediction_type,
                                       vae_scaling_factor=float(parts.scaling_factor),
                                       sample_size=sample_size // parts.vae.downsampling_factor)
@@ -44,7 +43,7 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
-        return write_sd_single_file(path, parts.unet, parts.unet_config, parts.vae, AutoencoderConfig.from_dict(parts.vae_config).to_dict(),
+        return write_sd_single_file(path, parts.unet, parts.unet_config.to_dict(), parts.vae, parts.vae_config.to_dict(),
                                     parts.text_encoder, parts.schedule.to_config(), parts.prediction_type,
                                     float(parts.scaling_factor), sample_size, parts.sampler_config)
     raise ValueError(f"format must be one of {', '.join(repr(f) for f in FORMATS)}, got {format!r}")

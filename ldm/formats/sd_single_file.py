@@ -241,8 +241,8 @@ def read_sd_single_file(
                     "(SD 2.x 512-base); pass prediction_type='v_prediction' for the 768-v models", path)
     sampler = SamplerConfig.from_dict(stored, **SD_SAMPLER.to_dict())  # our exports store theirs; else the original's
     noise = NoiseSchedule.from_config(schedule) if schedule else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
-    return ModelComponents(unet.eval(), vae.eval(), text_encoder, noise, prediction, scaling, sample_size, unet_config,
-                           {**vae_config, "scaling_factor": scaling}, sampler, variant=variant["version"])
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, noise, prediction, scaling, sample_size, sampler,
+                           variant=variant["version"])
 
 
 def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:

@@ -149,10 +149,8 @@ class LatentDiffusion(pl.LightningModule):
         parts = components_from_hparams(self.hparams, load_components, vae_encoder=vae_encoder is not False)
         self.prediction_type = parts.prediction_type
         self.autoencoder = parts.vae
-        self.vae_config = parts.vae_config
         self.register_buffer("scaling_factor", torch.tensor(float(parts.scaling_factor)))
         self.text_encoder = parts.text_encoder
-        self.unet_config = parts.unet_config
         self.unet = parts.unet
         self.schedule, self.sampler_config = parts.schedule, parts.sampler_config
         if init_from is not None:

@@ -49,5 +49,5 @@ def save_trained(model: LatentDiffusion, path: str | Path) -> Path:
         return file
     parts = ModelComponents(model.unet, whole_vae(model), model.text_encoder, model.schedule, model.prediction_type,
                             float(model.scaling_factor), model._latent_size() * model.autoencoder.downsampling_factor,
-                            model.unet_config, model.vae_config, model.sampler_config)
+                            model.sampler_config)
     return save_components(parts, path, "ldm")

@@ -22,6 +22,7 @@ from ldm.formats.save import save_components
 from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.configs import AutoencoderConfig, UNetConfig
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 from ldm.pipeline.memory import tiled_decode
@@ -39,12 +40,10 @@ class LatentDiffusionPipeline:
 
     def __init__(self, unet: UNetModel, vae: KLAutoencoder, text_encoder: TextEncoder, schedule: NoiseSchedule,
                  prediction_type: str, scaling_factor: float, sample_size: int | None = None,
-                 unet_config: dict | None = None, vae_config: dict | None = None,
                  sampler_config: SamplerConfig = SamplerConfig()):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, float(scaling_factor)
         self.sample_size = sample_size or 64 * vae.downsampling_factor
-        self.unet_config, self.vae_config = unet_config or {}, vae_config or {}
         self.vae_slicing = False
         self.vae_tile_size: int | None = None
         # The model's timestep layout and final-step settings (SD: steps_offset 1, DDIM ends at alphas_cumprod[0]).
@@ -79,7 +78,7 @@ class LatentDiffusionPipeline:
     def from_components(cls, parts: ModelComponents) -> "LatentDiffusionPipeline":
         """A pipeline over already-loaded :class:`~ldm.formats.components.ModelComponents`."""
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.prediction_type, parts.scaling_factor,
-                   parts.sample_size, parts.unet_config, parts.vae_config, parts.sampler_config)
+                   parts.sample_size, parts.sampler_config)
 
     def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
         """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
@@ -94,7 +93,17 @@ class LatentDiffusionPipeline:
     def components(self) -> ModelComponents:
         """The pipeline's model as :class:`~ldm.formats.components.ModelComponents` (the same modules, not copies)."""
         return ModelComponents(self.unet, self.vae, self.text_encoder, self.schedule, self.prediction_type, self.scaling_factor,
-                               self.sample_size, self.unet_config, self.vae_config, self.sampler_config)
+                               self.sample_size, self.sampler_config)
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        """The UNet's shape."""
+        return self.unet.config
+
+    @property
+    def vae_config(self) -> AutoencoderConfig:
+        """The autoencoder's shape."""
+        return self.vae.config
 
     # ------------------------------------------------------------------ LoRA
     def load_lora(self, path: str | Path, scale: float = 1.0) -> "LatentDiffusionPipeline":

@@ -61,7 +61,7 @@ def test_foreign_v1_file_loads_and_generates_like_the_original(tmp_path, tokeniz
     torch.save({"state_dict": state, "global_step": 1}, tmp_path / "v1.ckpt")
 
     parts = read_sd_single_file(tmp_path / "v1.ckpt", tokenizer=tokenizer_dir)
-    assert (parts.variant, parts.unet_config["in_channels"], parts.prediction_type, parts.sample_size) == ("v1", 4, "epsilon", 512)
+    assert (parts.variant, parts.unet_config.in_channels, parts.prediction_type, parts.sample_size) == ("v1", 4, "epsilon", 512)
     assert parts.text_encoder.layer == "last" and parts.scaling_factor == pytest.approx(0.18215)
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "v1.ckpt", tokenizer=tokenizer_dir)
     for a, b in ((ref.unet, pipe.unet), (ref.vae, pipe.vae), (ref.text_encoder.model, pipe.text_encoder.model)):
@@ -91,7 +91,7 @@ def test_inpainting_file_is_detected(tmp_path, tokenizer_dir):
     ref = _reference(tokenizer_dir, V1_UNET, "quick_gelu", "last", in_channels=9)
     path = save_sd_checkpoint(tmp_path / "inpaint.safetensors", ref.unet.state_dict(), ref.vae.state_dict(), ref.text_encoder.model.state_dict())
     parts = read_sd_single_file(path, tokenizer=tokenizer_dir)
-    assert parts.unet_config["in_channels"] == 9
+    assert parts.unet_config.in_channels == 9
 
     pipe = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
     assert pipe.is_inpainting_model
@@ -123,8 +123,6 @@ def test_inpainting_file_is_detected(tmp_path, tokenizer_dir):
                                                      ("gelu", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")])
 def test_our_export_round_trips_bit_identical(tmp_path, tokenizer_dir, hidden_act, layout_key):
     ref = _reference(tokenizer_dir, V1_UNET, hidden_act, "penultimate" if hidden_act == "gelu" else "last")
-    ref.unet_config = dict(V1_UNET, in_channels=4)
-    ref.vae_config = dict(VAE)
     path = ref.save_pretrained(tmp_path / "ours.safetensors", format="sd")
     assert layout_key.removeprefix("cond_stage_model.") in load_sd_checkpoint(path)["text_encoder"]
     back = LatentDiffusionPipeline.from_pretrained(path)  # tokenizer and configs come from the file's ldm metadata
@@ -200,11 +198,11 @@ def test_head_count_from_yaml_header_or_argument(tmp_path, tokenizer_dir):
     path = _foreign_file(ref, tmp_path / "custom.safetensors")
 
     guessed = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)  # SD v1's convention: 8 heads
-    assert guessed.unet_config["num_heads"] == 8
+    assert guessed.unet_config.num_heads == 8
     assert (_unet_output(guessed) - expected).abs().max() > 1e-3  # the wrong count gives other outputs
 
     by_argument = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_heads=2)
-    assert (by_argument.unet_config["num_heads"], by_argument.unet_config["num_head_channels"]) == (2, -1)
+    assert (by_argument.unet_config.num_heads, by_argument.unet_config.num_head_channels) == (2, -1)
     torch.testing.assert_close(_unet_output(by_argument), expected, rtol=0, atol=0)
     by_width = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_head_channels=16)  # 32 ch: 2 heads
     assert (_unet_output(by_width) - expected).abs().max() > 1e-3  # (64-channel level: 4 heads, not 2)
@@ -212,12 +210,11 @@ def test_head_count_from_yaml_header_or_argument(tmp_path, tokenizer_dir):
     yaml = "model:\n  params:\n    unet_config:\n      params:\n        num_heads: 2\n        context_dim: 128\n"
     path.with_suffix(".yaml").write_text(yaml)
     by_yaml = LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir)
-    assert by_yaml.unet_config["num_heads"] == 2
+    assert by_yaml.unet_config.num_heads == 2
     torch.testing.assert_close(_unet_output(by_yaml), expected, rtol=0, atol=0)
-    assert LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_heads=8).unet_config["num_heads"] == 8
+    assert LatentDiffusionPipeline.from_pretrained(path, tokenizer=tokenizer_dir, num_heads=8).unet_config.num_heads == 8
 
     # Our own export keeps its config (heads included) in the header, whatever a YAML beside it says.
-    ref.unet_config, ref.vae_config = dict(TWO_HEADS, in_channels=4), dict(VAE)
     ours = ref.save_pretrained(tmp_path / "ours.safetensors", format="sd")
     ours.with_suffix(".yaml").write_text(yaml.replace("num_heads: 2", "num_heads: 4"))
     torch.testing.assert_close(_unet_output(LatentDiffusionPipeline.from_pretrained(ours)), expected, rtol=0, atol=0)
@@ -239,7 +236,7 @@ def test_head_count_errors_and_cli_option(tmp_path, tokenizer_dir):
 
     main(["convert", str(path), str(tmp_path / "converted"), "--to", "ldm", "--tokenizer", str(tokenizer_dir), "--num-heads", "2"])
     converted = LatentDiffusionPipeline.from_pretrained(tmp_path / "converted")
-    assert converted.unet_config["num_heads"] == 2 and converted.sampler_config == SD_SAMPLER
+    assert converted.unet_config.num_heads == 2 and converted.sampler_config == SD_SAMPLER
     torch.testing.assert_close(_unet_output(converted), _unet_output(ref), rtol=0, atol=0)
     with pytest.raises(ValueError, match="SD single files"):  # a folder stores its heads
         LatentDiffusionPipeline.from_pretrained(tmp_path / "converted", num_heads=2)

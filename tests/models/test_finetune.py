@@ -157,7 +157,7 @@ def _components(model: LatentDiffusion):
     from ldm.formats.components import ModelComponents
 
     return ModelComponents(model.unet.eval(), model.autoencoder, model.text_encoder, model.schedule, model.prediction_type,
-                           float(model.scaling_factor), 32, model.unet_config, model.vae_config)
+                           float(model.scaling_factor), 32)
 
 
 def test_frozen_half_precision_with_bf16_mixed(base, tmp_path):

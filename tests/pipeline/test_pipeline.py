@@ -31,8 +31,7 @@ def pipe(tmp_path_factory) -> LatentDiffusionPipeline:
             if p.abs().sum() == 0 and p.ndim > 1:
                 p.normal_(0, 0.05)
     vae = KLAutoencoder(**VAE_ARGS, embed_dim=4)
-    vae_config = {**VAE_ARGS, "in_channels": 3}
-    return LatentDiffusionPipeline(unet, vae, text, NoiseSchedule(), "epsilon", 0.5, 32, unet_config, vae_config)
+    return LatentDiffusionPipeline(unet, vae, text, NoiseSchedule(), "epsilon", 0.5, 32)
 
 
 def _arr(out) -> np.ndarray:
