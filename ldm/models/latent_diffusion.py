@@ -28,7 +28,7 @@ from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
 from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
 from ldm.models.latent_export import save_trained
-from ldm.nn.configs import TextEncoderConfig
+from ldm.nn.configs import UNET_DERIVED_FIELDS, TextEncoderConfig, UNetArchitecture
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.lora import UNET_TARGETS
 
@@ -49,8 +49,9 @@ class LatentDiffusion(pl.LightningModule):
     Args:
         autoencoder: Folder written by ``AutoencoderKL.save_pretrained`` (frozen; its scaling factor is used).
             Not needed with ``init_from``.
-        unet: Keyword arguments of :class:`ldm.nn.unet.UNetModel` (``context_dim`` is filled in from the
-            text encoder when left out). Not needed with ``init_from``.
+        unet: Shape of a new UNet (:class:`~ldm.nn.configs.UNetArchitecture`: the fields of ``UNetConfig``
+            but the channels, which follow the VAE's latents and the text encoder's width); the default is SD v1.x's.
+            Leave it at its default with ``init_from``.
         init_from: Fine-tune: start from this model (an SD single file ``.safetensors``/``.ckpt``, a diffusers
             folder, an ldm export or a LatentDiffusion ``.ckpt``); its UNet, VAE, text encoder, schedule and
             prediction type are used and ``autoencoder``/``unet``/``text_encoder`` must be left out.
@@ -109,7 +110,7 @@ class LatentDiffusion(pl.LightningModule):
     def __init__(
         self,
         autoencoder: str | None = None,
-        unet: dict[str, Any] | None = None,
+        unet: UNetArchitecture = UNetArchitecture(),  # noqa: B008 (frozen)
         init_from: str | None = None,
         init_from_ema: bool = True,
         text_encoder: str | None = None,
@@ -138,9 +139,18 @@ class LatentDiffusion(pl.LightningModule):
         self.optimizer_config = OptimizerConfig.coerce(optimizer)
         self.validation = ValidationConfig.coerce(validation)
         text_config = None if text_encoder_config is None else TextEncoderConfig.coerce(text_encoder_config).to_dict()
+        if isinstance(unet, dict):
+            derived = sorted(set(unet) & set(UNET_DERIVED_FIELDS))
+            if derived:
+                raise ValueError(f"unet sets {derived}: a new UNet's channels follow the VAE's latents and the text "
+                                 "encoder's width; leave them out")
+            unet = UNetArchitecture(**unet)
+        if init_from is not None and unet != UNetArchitecture():
+            raise ValueError(f"init_from={init_from!r} brings its own VAE, UNet and text encoder; leave out ['unet']")
         # Plain JSON in checkpoints (read back with weights_only=True, which cannot unpickle dataclasses).
         self.hparams.update(objective=self.objective.to_dict(), optimizer=self.optimizer_config.to_dict(),
-                            validation=self.validation.to_dict(), text_encoder_config=text_config)
+                            validation=self.validation.to_dict(), text_encoder_config=text_config,
+                            unet=None if init_from is not None else unet.to_dict())
         if lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 = full fine-tune)")
         if frozen_dtype not in (None, "bf16", "fp16"):

@@ -8,10 +8,10 @@ them as arguments, so ``ldm fit --help`` documents every field.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, TypeVar
 
-__all__ = ["AutoencoderConfig", "Config", "TextEncoderConfig", "UNetConfig"]
+__all__ = ["UNetArchitecture", "AutoencoderConfig", "Config", "TextEncoderConfig", "UNetConfig"]
 
 _C = TypeVar("_C", bound="Config")
 
@@ -160,3 +160,17 @@ class TextEncoderConfig(Config):
         super().__post_init__()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
+
+
+# The channels a UNet on a given VAE and text encoder must have: a run fills them in from those, so its ``unet``
+# argument (``LatentDiffusion(unet=...)``) takes the other fields only.
+UNET_DERIVED_FIELDS = ("in_channels", "out_channels", "context_dim")
+UNetArchitecture = make_dataclass(
+    "UNetArchitecture",
+    [(f.name, f.type, field(default=f.default)) for f in fields(UNetConfig) if f.name not in UNET_DERIVED_FIELDS],
+    bases=(Config,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": (UNetConfig.__doc__ or "").replace(
+        "Shape of the conditional UNet", "Shape of a run's UNet without the channels its VAE and text encoder set "
+        "(``in_channels``, ``out_channels``, ``context_dim``); the rest of :class:`UNetConfig`", 1)},
+)

@@ -22,7 +22,6 @@ from ldm.formats.save import save_components
 from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
-from ldm.nn.configs import AutoencoderConfig, UNetConfig
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 from ldm.pipeline.memory import tiled_decode
@@ -95,15 +94,8 @@ class LatentDiffusionPipeline:
         return ModelComponents(self.unet, self.vae, self.text_encoder, self.schedule, self.prediction_type, self.scaling_factor,
                                self.sample_size, self.sampler_config)
 
-    @property
-    def unet_config(self) -> UNetConfig:
-        """The UNet's shape."""
-        return self.unet.config
-
-    @property
-    def vae_config(self) -> AutoencoderConfig:
-        """The autoencoder's shape."""
-        return self.vae.config
+    unet_config = property(lambda self: self.unet.config, doc="The UNet's shape (a UNetConfig).")
+    vae_config = property(lambda self: self.vae.config, doc="The autoencoder's shape (an AutoencoderConfig).")
 
     # ------------------------------------------------------------------ LoRA
     def load_lora(self, path: str | Path, scale: float = 1.0) -> "LatentDiffusionPipeline":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY_TEXT, tiny_ldm_kwargs
@@ -54,3 +55,14 @@ def test_checkpoints_with_flat_hparams_read_like_grouped_ones(ldm_assets):
         assert parts.text_encoder.hidden_size == TINY_TEXT["hidden_size"]
         for name, value in parts.unet.state_dict().items():
             torch.testing.assert_close(value, state[f"unet.{name}"])
+
+
+def test_the_unet_shape_is_typed_and_its_channels_follow_the_vae_and_text_encoder(ldm_assets):
+    from ldm.nn.configs import UNetArchitecture
+
+    model = LatentDiffusion(**tiny_ldm_kwargs(ldm_assets))
+    assert isinstance(model.hparams["unet"], dict) and UNetArchitecture.from_dict(model.hparams["unet"]).model_channels == 16
+    assert model.unet.config.context_dim == model.text_encoder.hidden_size
+    assert model.unet.config.in_channels == model.autoencoder.latent_channels
+    with pytest.raises(ValueError, match="channels follow the VAE"):
+        LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, unet={**tiny_ldm_kwargs(ldm_assets)["unet"], "context_dim": 8}))
