@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022) with optional std rescaling (Lin et al. 2023)."""
+"""Classifier-free guidance (Ho & Salimans 2022): its training half (caption dropout) and its sampling half
+(guided outputs, with optional std rescaling, Lin et al. 2023)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ def classifier_free_guidance(
     std_guided = guided.std(dim=dims, keepdim=True)
     rescaled = guided * (std_cond / std_guided)
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
+
+
+def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG)."""
+    if probability <= 0:
+        return prompts
+    drop = torch.rand(len(prompts), generator=generator, device=generator.device) < probability
+    return ["" if d else p for p, d in zip(prompts, drop.tolist())]

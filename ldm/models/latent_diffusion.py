@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.fingerprints import text_encoder_fingerprint, vae_encoder_fingerprint
-from ldm.diffusion import loss_weights, offset_noise, sample_latents, training_target
+from ldm.diffusion import drop_captions, loss_weights, offset_noise, sample_latents, training_target
 from ldm.formats.load import load_components
 from ldm.formats.lightning_ckpt import (
     check_only_frozen_missing,
@@ -33,14 +33,6 @@ from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.lora import UNET_TARGETS
 
 log = logging.getLogger(__name__)
-
-
-def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG)."""
-    if probability <= 0:
-        return prompts
-    drop = torch.rand(len(prompts), generator=generator, device=generator.device) < probability
-    return ["" if d else p for p, d in zip(prompts, drop.tolist())]
 
 
 class LatentDiffusion(pl.LightningModule):

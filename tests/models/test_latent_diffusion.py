@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import tiny_ldm_kwargs
 from ldm.data import ImageCaptionDataModule, ImageCaptionDataset
 from ldm.models import LatentDiffusion, SavePretrained
-from ldm.models.latent_diffusion import drop_captions
+from ldm.diffusion import drop_captions
 from ldm.pipeline import LatentDiffusionPipeline
 
 
