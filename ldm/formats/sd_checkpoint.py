@@ -133,7 +133,7 @@ def _layout_error(state_dict: Mapping[str, torch.Tensor], missing: list[str], un
         f"unknown Stable Diffusion UNet layout ({why}): missing keys {missing[:5]}"
         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
         f"({len(state_dict)} keys in all). Expected an original SD checkpoint ('model.diffusion_model.*' "
-        "with CompVis names); for a diffusers folder use load_diffusers_folder."
+        "with CompVis names); for a diffusers folder use read_diffusers_folder."
     )
 
 
