@@ -170,10 +170,10 @@ def _generate_main(args: list[str]) -> None:
         init = load_rgb(ns.init_image)
         if ns.mask:
             mode = "inpaint"
-            out = pipe.inpaint(ns.prompt, init, Image.open(ns.mask), strength=ns.strength or 1.0, **common)
+            out = pipe.inpaint(ns.prompt, init, Image.open(ns.mask), strength=1.0 if ns.strength is None else ns.strength, **common)
         else:
             mode = "img2img"
-            out = pipe.img2img(ns.prompt, init, strength=ns.strength or 0.8, **common)
+            out = pipe.img2img(ns.prompt, init, strength=0.8 if ns.strength is None else ns.strength, **common)
     else:
         out = pipe(ns.prompt, height=ns.height, width=ns.width, **common)
     for image, seed in zip(out.images, out.seeds):
@@ -181,7 +181,7 @@ def _generate_main(args: list[str]) -> None:
                 "sampler": ns.sampler + (" karras" if ns.karras else ""), "guidance": ns.guidance, "mode": mode,
                 "size": f"{image.width}x{image.height}", "model": ns.model}
         if mode != "txt2img":
-            meta["strength"] = ns.strength or (1.0 if mode == "inpaint" else 0.8)
+            meta["strength"] = ns.strength if ns.strength is not None else (1.0 if mode == "inpaint" else 0.8)
         path = save_png_with_metadata(image, Path(ns.out) / f"{_slug(ns.prompt)}-{seed}.png", meta)
         print(path)
 

@@ -24,6 +24,7 @@ from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
+from ldm.pipeline.checks import DEFAULT_MAX_PIXELS, check_finite, check_finite_output, check_size
 from ldm.pipeline.memory import tiled_decode
 
 @dataclass
@@ -42,7 +43,11 @@ class LatentDiffusionPipeline:
                  sampler_config: SamplerConfig = SamplerConfig()):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, float(scaling_factor)
-        self.sample_size = sample_size or 64 * vae.downsampling_factor
+        check_finite("scaling_factor", float(scaling_factor))
+        if float(scaling_factor) <= 0:
+            raise ValueError(f"the VAE's scaling_factor must be positive, got {scaling_factor}: the model's config is broken")
+        self.sample_size = 64 * vae.downsampling_factor if sample_size is None else int(sample_size)
+        self.max_pixels = DEFAULT_MAX_PIXELS  # per image; checked before anything is allocated
         self.vae_slicing = False
         self.vae_tile_size: int | None = None
         # The model's timestep layout and final-step settings (SD: steps_offset 1, DDIM ends at alphas_cumprod[0]).
@@ -168,8 +173,9 @@ class LatentDiffusionPipeline:
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.8, **kwargs) -> PipelineOutput:
         """Noise the encoded ``image`` to the step that ``strength`` selects (1 = pure noise) and denoise from there."""
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        check_finite("strength", strength, 0.0, 1.0)
+        if strength == 0.0:
+            raise ValueError("strength must be in (0, 1], got 0.0")
         init = image_to_tensor(image, "image")
         h, w = self._check_size(init.shape[-2], init.shape[-1])
         return self._run(prompt=prompt, height=h, width=w, init_image=init, strength=strength, **kwargs)
@@ -177,8 +183,9 @@ class LatentDiffusionPipeline:
     def inpaint(self, prompt: str | list[str], image, mask, strength: float = 1.0, paste_unmasked: bool = True, **kwargs) -> PipelineOutput:
         """Repaint where ``mask`` is white (1) and keep the rest: the known latents are re-imposed at every step.
         With ``paste_unmasked`` the original pixels are pasted back outside the mask after decoding."""
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        check_finite("strength", strength, 0.0, 1.0)
+        if strength == 0.0:
+            raise ValueError("strength must be in (0, 1], got 0.0")
         init, m = image_to_tensor(image, "image"), mask_to_tensor(mask)
         if m.shape[-2:] != init.shape[-2:]:
             raise ValueError(f"mask is {m.shape[-1]}x{m.shape[-2]} but image is {init.shape[-1]}x{init.shape[-2]}; they must match")
@@ -187,11 +194,9 @@ class LatentDiffusionPipeline:
                          paste_unmasked=paste_unmasked, **kwargs)
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        f = self.vae.downsampling_factor
-        h = height or self.sample_size
-        w = width or self.sample_size
-        if h % f or w % f or h <= 0 or w <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f} (the autoencoder's factor), got {h}x{w}")
+        h = self.sample_size if height is None else height
+        w = self.sample_size if width is None else width
+        check_size(h, w, 1, self.vae.downsampling_factor, self.vae.latent_channels, self.max_pixels)
         return h, w
 
     @torch.no_grad()
@@ -210,6 +215,12 @@ class LatentDiffusionPipeline:
             raise ValueError(f"output_type must be one of {(*OUTPUT_TYPES, 'latent')}, got {output_type!r}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        check_finite("guidance_scale", guidance_scale)
+        check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        check_finite("eta", eta, 0.0, 1.0)
+        for name, tensor in (("init image", init_image), ("mask", mask)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"the {name} holds NaN or infinite values")
         negatives = _expand_negative(negative_prompt, len(prompts))
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
@@ -266,9 +277,11 @@ class LatentDiffusionPipeline:
                 z = latent_mask * z + (1 - latent_mask) * sub_known
             latents.append(z)
         bar.close()
+        check_finite_output(torch.cat(latents), "sampled latents")
         if output_type == "latent":
             return PipelineOutput(torch.cat(latents).cpu(), seeds)
         images = self._decode(torch.cat(latents).float())
+        check_finite_output(images, "decoded images")
         if mask is not None and paste_unmasked:
             m = mask.to(images.device)
             images = m * images + (1 - m) * init_image.to(images.device).clamp(-1, 1)

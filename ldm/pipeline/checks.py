@@ -1,0 +1,45 @@
+"""Argument and output checks of the pipeline: finite numbers in range, sizes under a limit checked before any
+allocation, and no non-finite image handed back as if it were one."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_MAX_PIXELS = 2048 * 2048  # per image; LatentDiffusionPipeline.max_pixels changes it
+
+
+class NonFiniteOutputError(ValueError):
+    """Sampling or decoding produced NaN or infinite values (the image would be black or noise)."""
+
+
+def check_finite(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def check_size(height: int, width: int, count: int, factor: int, latent_channels: int, max_pixels: int) -> None:
+    """Raise ``ValueError`` for a non-positive or non-multiple size, or one over ``max_pixels`` per image, before
+    anything is allocated; the message states the memory the request would need."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+            raise ValueError(f"{name} must be a positive multiple of {factor} (the autoencoder's factor), got {value!r}")
+    if height * width > max_pixels:
+        # The decoder's widest activations dominate: about 128 channels x 4 bytes per pixel, twice (in and out).
+        estimate = height * width * 128 * 4 * 2 + count * latent_channels * (height // factor) * (width // factor) * 4
+        raise ValueError(f"{height}x{width} is {height * width:,} pixels per image, over the limit of {max_pixels:,} "
+                         f"(about {estimate / 2**30:.1f} GiB for one image's decode); raise pipe.max_pixels if the "
+                         "machine has the memory")
+
+
+def check_finite_output(values: torch.Tensor, stage: str) -> None:
+    """Raise :class:`NonFiniteOutputError` if ``values`` (the ``stage``'s result) hold NaN or infinity."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteOutputError(
+            f"the {stage} hold NaN or infinite values, so the images would be black: check the model's weights (NaN "
+            "weights, a VAE run in fp16 that overflows: use fp32 or bf16 for the VAE) and the arguments (guidance, "
+            "init image, mask)")

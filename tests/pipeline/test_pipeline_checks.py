@@ -1,0 +1,66 @@
+"""Reliability of the pipeline's inputs and outputs: non-finite numbers and broken models raise clear errors
+instead of returning black images, and sizes are checked against a limit before anything is allocated."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipeline.checks import NonFiniteOutputError
+
+from test_pipeline import pipe  # noqa: F401  (the tiny pipeline fixture)
+
+KW = dict(num_inference_steps=2, seed=0, progress=False, output_type="pt")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=float("inf")), "guidance_scale"),
+    (dict(guidance_rescale=float("nan")), "guidance_rescale"),
+    (dict(guidance_rescale=1.5), "guidance_rescale"),
+    (dict(eta=float("nan"), sampler="ddim"), "eta"),
+    (dict(eta=-0.1, sampler="ddim"), "eta"),
+    (dict(height=0, width=32), "height"),
+    (dict(height=32, width=-32), "width"),
+])
+def test_bad_numbers_are_refused_by_name(pipe, kwargs, match):  # noqa: F811
+    with pytest.raises(ValueError, match=match):
+        pipe("a red circle", **{**KW, **kwargs})
+
+
+def test_sizes_over_the_limit_are_refused_before_allocating(pipe):  # noqa: F811
+    with pytest.raises(ValueError, match="GiB") as info:
+        pipe("a red circle", height=100_000, width=100_000, **KW)  # 10^10 pixels: would need tens of GiB
+    assert "max_pixels" in str(info.value)
+    small = copy.copy(pipe)
+    small.max_pixels = 16 * 16
+    with pytest.raises(ValueError, match="over the limit"):
+        small("a red circle", height=32, width=32, **KW)
+    small.max_pixels = 32 * 32
+    assert small("a red circle", height=32, width=32, **KW).images.shape == (1, 3, 32, 32)
+
+
+def test_img2img_strength_and_non_finite_init_images(pipe):  # noqa: F811
+    image = np.full((32, 32, 3), 128, dtype=np.uint8)
+    for strength in (0.0, float("nan"), 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            pipe.img2img("a red circle", image, strength=strength, **KW)
+    bad = torch.full((1, 3, 32, 32), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.img2img("a red circle", bad, strength=0.5, **KW)
+
+
+def test_nan_weights_raise_instead_of_returning_black_images(pipe):  # noqa: F811
+    broken = copy.deepcopy(pipe)
+    with torch.no_grad():
+        next(broken.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="weights"):
+        broken("a red circle", **KW)
+
+
+def test_a_broken_scaling_factor_is_refused_at_load(pipe):  # noqa: F811
+    for value in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scaling_factor"):
+            LatentDiffusionPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.schedule, "epsilon", value, 32)
