@@ -28,7 +28,7 @@ from torch import nn
 
 from ldm.formats.clip_keys import diffusers_to_transformers_clip_name, transformers_to_diffusers_clip_name
 from ldm.formats.unet_keys import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names, unet_config_of
-from ldm.nn.lora import add_lora, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
+from ldm.nn.lora import LoraSnapshot, add_lora, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 
@@ -172,7 +172,7 @@ def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[s
         add_lora(module, rank=rank, alpha=alpha, target_modules=targets)
     try:
         set_lora_state_dict(module, state)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # RuntimeError: torch's size mismatch (another rank or layer shape)
         raise ValueError(f"{path}: {prefix} {err}") from err
 
 
@@ -207,14 +207,21 @@ def load_lora(target: nn.Module | object, path: str | Path, scale: float = 1.0) 
     else:
         parts = {p: getattr(target, p, None) for p in _PREFIXES}
     loaded = 0
-    for prefix, module in parts.items():
-        sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        if not sub:
-            continue
-        if module is None:
-            raise ValueError(f"{path} holds {prefix} adapters but the target has no {prefix}")
-        _load_part(module, sub, meta, prefix, path)
-        set_lora_scale(module, scale)
-        loaded += 1
+    # All or nothing: a part that fails puts back every part touched so far (adapters removed or restored).
+    snapshots = [LoraSnapshot(module) for module in parts.values() if module is not None]
+    try:
+        for prefix, module in parts.items():
+            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            if not sub:
+                continue
+            if module is None:
+                raise ValueError(f"{path} holds {prefix} adapters but the target has no {prefix}")
+            _load_part(module, sub, meta, prefix, path)
+            set_lora_scale(module, scale)
+            loaded += 1
+    except Exception:
+        for snapshot in snapshots:
+            snapshot.restore()
+        raise
     if not loaded:
         raise ValueError(f"{path} holds no adapters for {sorted(parts)} (its parts: {sorted({k.split('.')[0] for k in tensors})})")

@@ -109,14 +109,44 @@ def set_lora_scale(module: nn.Module, scale: float) -> None:
 
 def merge_lora(module: nn.Module) -> nn.Module:
     """Fold the adapters, at their current scale, into the base weights and remove the LoRA layers."""
+    return remove_lora(module, merge=True)
+
+
+def remove_lora(module: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the base layers back in place of the LoRA layers; ``merge`` folds the adapters in first, else they are
+    dropped (the module computes what it did before :func:`add_lora`)."""
     for name, layer in lora_layers(module).items():
-        layer.merge()
+        if merge:
+            layer.merge()
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, layer.get_base_layer())
     if hasattr(module, "peft_config"):
         del module.peft_config
     return module
+
+
+class LoraSnapshot:
+    """What a failed adapter load must restore on ``module``: whether it had adapters, their weights and scales,
+    and which parameters required grad."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        layers = lora_layers(module)
+        self.state = {k: v.clone() for k, v in lora_state_dict(module).items()} if layers else None
+        self.scaling = {name: dict(layer.scaling) for name, layer in layers.items()}
+        self.requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
+
+    def restore(self) -> None:
+        if self.state is None:
+            remove_lora(self.module)
+        else:
+            set_lora_state_dict(self.module, self.state)
+            for name, layer in lora_layers(self.module).items():
+                layer.scaling.update(self.scaling.get(name, {}))
+        for name, param in self.module.named_parameters():
+            if name in self.requires_grad:
+                param.requires_grad_(self.requires_grad[name])
 
 
 def lora_hparams(module: nn.Module) -> tuple[int, float]:

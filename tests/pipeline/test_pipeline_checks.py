@@ -64,3 +64,33 @@ def test_a_broken_scaling_factor_is_refused_at_load(pipe):  # noqa: F811
     for value in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="scaling_factor"):
             LatentDiffusionPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.schedule, "epsilon", value, 32)
+
+
+def test_a_lora_file_that_does_not_fit_leaves_the_pipeline_untouched(pipe, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    from ldm.formats.lora_files import save_lora
+    from ldm.nn.lora import add_lora, lora_layers
+
+    source = copy.deepcopy(pipe)
+    add_lora(source.unet, rank=4)
+    good = save_lora(tmp_path / "good.safetensors", unet=source.unet)
+    tensors = load_file(str(good))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(4, tensors[key].shape[1] + 3)  # one layer's input width is wrong
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={})
+
+    fresh = copy.deepcopy(pipe)
+    before = fresh("a red circle", **KW).images
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        fresh.load_lora(tmp_path / "bad.safetensors")
+    assert not lora_layers(fresh.unet)  # the injected adapters were removed again
+    torch.testing.assert_close(fresh("a red circle", **KW).images, before, rtol=0, atol=0)
+    fresh.save_pretrained(tmp_path / "still-saves")  # refused while adapters are loaded
+
+    # A pipeline that already has adapters keeps them as they were.
+    loaded = copy.deepcopy(pipe).load_lora(good, scale=0.5)
+    with_adapters = loaded("a red circle", **KW).images
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        loaded.load_lora(tmp_path / "bad.safetensors")
+    torch.testing.assert_close(loaded("a red circle", **KW).images, with_adapters, rtol=0, atol=0)
