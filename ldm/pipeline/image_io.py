@@ -64,15 +64,27 @@ def tensor_to_output(images: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
+def unused_path(path: str | Path) -> Path:
+    """``path``, or when a file is there, the first free ``<stem>-<n><suffix>`` beside it (never overwrite)."""
+    path = Path(path)
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def save_png_with_metadata(image: Image.Image, path: str | Path, metadata: dict[str, object]) -> Path:
     """Save a PNG whose text chunks hold the generation settings (one chunk per key, plus an A1111-style
-    ``parameters`` chunk that popular SD UIs read)."""
+    ``parameters`` chunk that popular SD UIs read). An existing file is never overwritten: the image goes to the
+    first free name (:func:`unused_path`), which is returned."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, "" if value is None else str(value))
     settings = ", ".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in metadata.items() if k not in ("prompt", "negative_prompt"))
     info.add_text("parameters", f"{metadata.get('prompt', '')}\nNegative prompt: {metadata.get('negative_prompt') or ''}\n{settings}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = unused_path(path)
     image.save(path, pnginfo=info)
     return path

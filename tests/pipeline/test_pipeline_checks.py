@@ -94,3 +94,16 @@ def test_a_lora_file_that_does_not_fit_leaves_the_pipeline_untouched(pipe, tmp_p
     with pytest.raises(ValueError, match="bad.safetensors"):
         loaded.load_lora(tmp_path / "bad.safetensors")
     torch.testing.assert_close(loaded("a red circle", **KW).images, with_adapters, rtol=0, atol=0)
+
+
+def test_saved_images_never_overwrite_each_other(tmp_path):
+    from PIL import Image
+
+    from ldm.pipeline.image_io import save_png_with_metadata
+
+    red, blue = Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))
+    first = save_png_with_metadata(red, tmp_path / "a-red-circle-0.png", {"prompt": "a red circle!"})
+    second = save_png_with_metadata(blue, tmp_path / "a-red-circle-0.png", {"prompt": "a red circle?"})
+    third = save_png_with_metadata(blue, tmp_path / "a-red-circle-0.png", {"prompt": "a red circle."})
+    assert (first.name, second.name, third.name) == ("a-red-circle-0.png", "a-red-circle-0-1.png", "a-red-circle-0-2.png")
+    assert Image.open(first).getpixel((0, 0)) == (255, 0, 0)  # the first image is still there
