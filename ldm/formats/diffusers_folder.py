@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig
+from ldm.formats.weights import load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.sd_checkpoint import _contiguous_unshared
 from ldm.formats.text_encoder_files import load_text_encoder
@@ -118,9 +119,9 @@ def read_diffusers_folder(folder: str | Path, vae_encoder: bool = True) -> Model
     if text_path is None or tok_path is None:
         raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
     unet = UNetModel(**unet_config)
-    unet.load_state_dict(unet_state)
+    load_checked(unet, unet_state, f"{folder / 'unet'}")
     vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
-    vae.load_state_dict(vae_state)
+    load_checked(vae, vae_state, f"{folder / 'vae'}")
     # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
     text_encoder = load_text_encoder(folder, layer="last")
     sched = sched or {}

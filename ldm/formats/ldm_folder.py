@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig
+from ldm.formats.weights import load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
@@ -103,10 +104,10 @@ def read_ldm_folder(folder: str | Path, vae_encoder: bool = True) -> ModelCompon
     unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
     unet_config.pop("_class_name")
     unet = UNetModel(**unet_config)
-    unet.load_state_dict(load_weights(folder / "unet", VAE_WEIGHTS))
+    load_checked(unet, load_weights(folder / "unet", VAE_WEIGHTS), str(folder / "unet"))
     vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
     vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
-    vae.load_state_dict(load_weights(folder / "vae", VAE_WEIGHTS))
+    load_checked(vae, load_weights(folder / "vae", VAE_WEIGHTS), str(folder / "vae"))
     text_encoder = load_text_encoder(folder, layer=index.get("text_encoder_layer"))
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     prediction_type = sched.pop("prediction_type", "epsilon")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig, normalize_prediction_type
+from ldm.formats.weights import load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.ldm_folder import VAE_WEIGHTS, load_weights, read_model_folder
 from ldm.formats.text_encoder_files import load_text_encoder, new_text_encoder
@@ -95,7 +96,7 @@ def components_from_hparams(h: Mapping[str, Any], load: Loader, vae_encoder: boo
 def _vae_from_folder(path: str, vae_encoder: bool) -> tuple[KLAutoencoder, dict[str, Any]]:
     config, folder = read_model_folder(path, "AutoencoderKL")
     vae = KLAutoencoder(AutoencoderConfig.from_dict(config), with_encoder=vae_encoder)
-    vae.load_state_dict(load_weights(folder, VAE_WEIGHTS))
+    load_checked(vae, load_weights(folder, VAE_WEIGHTS), str(folder))
     return vae, config
 
 
@@ -182,7 +183,7 @@ def read_lightning_checkpoint(path: Path, ckpt: Mapping[str, Any], load: Loader,
     state = ckpt["state_dict"] if use_ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     state = without_dropped_encoder(parts.vae, state)
     check_only_frozen_missing(modules, state, str(path), restorable_keys(modules, hparams))
-    modules.load_state_dict(state, strict=False)
+    load_checked(modules, state, str(path), strict=False)
     modules.float()  # weights stored in half precision for training (frozen_dtype) come back as fp32
     image_size = ckpt.get("ldm_image_size") or ckpt.get("datamodule_hyper_parameters", {}).get("image_size")
     parts.scaling_factor = float(modules.scaling_factor)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ldm.formats.components import ModelComponents
 from ldm.formats.ldm_folder import write_pipeline_folder
+from ldm.formats.weights import check_finite_weights
 
 FORMATS = ("ldm", "diffusers", "sd")
 
@@ -19,8 +20,10 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
     """Write ``parts`` at ``path`` as ``format`` (one of :data:`FORMATS`); returns the folder or file written.
 
     Raises:
-        ValueError: for an unknown format, or an SD file not named ``.safetensors``.
+        ValueError: for an unknown format, an SD file not named ``.safetensors``, or weights holding NaN or infinity.
     """
+    for name, module in (("UNet", parts.unet), ("VAE", parts.vae), ("text encoder", parts.text_encoder)):
+        check_finite_weights(module.state_dict(), f"the model's {name} (not written to {path})")
     sample_size = int(parts.sample_size or 64 * parts.vae.downsampling_factor)
     if format == "ldm":
         vae_config = {**parts.vae_config.to_dict(), "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}

@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.diffusion.parameterization import normalize_prediction_type
 from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.formats.weights import load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.clip_keys import (
     clip_config_from_state,
@@ -111,7 +112,7 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
             f"{path}: the {what} weights do not fit the inferred model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shapes {wrong[:5]} ({len(missing)}/{len(unexpected)}/{len(wrong)} in all)"
         )
-    module.load_state_dict(state)
+    load_checked(module, state, f"{path} ({what})")
 
 
 def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str) -> CLIPTokenizer:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm.formats.weights import load_checked
 from ldm.models.autoencoder_loss import AutoencoderLoss
 from ldm.models.image_logging import log_image_grid
 from ldm.formats.ldm_folder import VAE_WEIGHTS as WEIGHTS_NAME
@@ -205,7 +206,7 @@ class AutoencoderKL(pl.LightningModule):
         config = {**config, **overrides}
         training = set(inspect.signature(cls.__init__).parameters) - {"self", "vae"}
         model = cls(vae=AutoencoderConfig.from_dict(config), **{k: v for k, v in config.items() if k in training})
-        model.vae.load_state_dict(load_weights(folder, WEIGHTS_NAME))
+        load_checked(model.vae, load_weights(folder, WEIGHTS_NAME), str(folder))
         if model.loss.discriminator is not None and (folder / DISCRIMINATOR_NAME).is_file():
             model.loss.discriminator.load_state_dict(load_weights(folder, DISCRIMINATOR_NAME))
         model.scaling_factor.fill_(scaling_factor)

@@ -107,3 +107,30 @@ def test_saved_images_never_overwrite_each_other(tmp_path):
     third = save_png_with_metadata(blue, tmp_path / "a-red-circle-0.png", {"prompt": "a red circle."})
     assert (first.name, second.name, third.name) == ("a-red-circle-0.png", "a-red-circle-0-1.png", "a-red-circle-0-2.png")
     assert Image.open(first).getpixel((0, 0)) == (255, 0, 0)  # the first image is still there
+
+
+def test_integer_or_nan_weights_are_refused_on_load_and_on_export(pipe, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    folder = pipe.save_pretrained(tmp_path / "good")
+    weights = folder / "unet" / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim > 1)
+
+    relabelled = dict(state, **{key: state[key].view(torch.int32)})  # the same bytes, called int32
+    save_file(relabelled, str(weights))
+    with pytest.raises(ValueError, match="floating point") as info:
+        LatentDiffusionPipeline.from_pretrained(folder)
+    assert "unet" in str(info.value) and key in str(info.value)
+
+    broken = dict(state, **{key: torch.full_like(state[key], float("nan"))})
+    save_file(broken, str(weights))
+    with pytest.raises(ValueError, match="NaN"):
+        LatentDiffusionPipeline.from_pretrained(folder)
+
+    nan_model = copy.deepcopy(pipe)
+    with torch.no_grad():
+        next(nan_model.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="not written"):
+        nan_model.save_pretrained(tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
