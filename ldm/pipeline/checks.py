@@ -4,6 +4,7 @@ allocation, and no non-finite image handed back as if it were one."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -15,8 +16,10 @@ class NonFiniteOutputError(ValueError):
 
 
 def check_finite(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    """Raise ``ValueError`` unless ``value`` (a number or a one-element tensor) is finite and in ``[low, high]``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
@@ -26,8 +29,9 @@ def check_size(height: int, width: int, count: int, factor: int, latent_channels
     """Raise ``ValueError`` for a non-positive or non-multiple size, or one over ``max_pixels`` per image, before
     anything is allocated; the message states the memory the request would need."""
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % factor:
             raise ValueError(f"{name} must be a positive multiple of {factor} (the autoencoder's factor), got {value!r}")
+    height, width = int(height), int(width)
     if height * width > max_pixels:
         # The decoder's widest activations dominate: about 128 channels x 4 bytes per pixel, twice (in and out).
         estimate = height * width * 128 * 4 * 2 + count * latent_channels * (height // factor) * (width // factor) * 4

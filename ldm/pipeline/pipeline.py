@@ -197,7 +197,7 @@ class LatentDiffusionPipeline:
         h = self.sample_size if height is None else height
         w = self.sample_size if width is None else width
         check_size(h, w, 1, self.vae.downsampling_factor, self.vae.latent_channels, self.max_pixels)
-        return h, w
+        return int(h), int(w)
 
     @torch.no_grad()
     def _run(self, prompt, negative_prompt=None, num_inference_steps=25, guidance_scale=5.0, sampler="dpmpp_2m", height=None,

@@ -134,3 +134,9 @@ def test_integer_or_nan_weights_are_refused_on_load_and_on_export(pipe, tmp_path
     with pytest.raises(ValueError, match="not written"):
         nan_model.save_pretrained(tmp_path / "nan")
     assert not (tmp_path / "nan").exists()
+
+
+def test_numpy_and_tensor_numbers_still_work(pipe):  # noqa: F811
+    out = pipe("a red circle", height=np.int64(32), width=np.int64(32), guidance_scale=np.float32(3.0),
+               eta=torch.tensor(0.0), sampler="ddim", **KW)
+    assert out.images.shape == (1, 3, 32, 32)
