@@ -25,7 +25,7 @@ def check_finite(name: str, value: float, low: float | None = None, high: float 
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
 
 
-def check_size(height: int, width: int, count: int, factor: int, latent_channels: int, max_pixels: int) -> None:
+def check_size(height: int, width: int, factor: int, max_pixels: int) -> None:
     """Raise ``ValueError`` for a non-positive or non-multiple size, or one over ``max_pixels`` per image, before
     anything is allocated; the message states the memory the request would need."""
     for name, value in (("height", height), ("width", width)):
@@ -34,7 +34,7 @@ def check_size(height: int, width: int, count: int, factor: int, latent_channels
     height, width = int(height), int(width)
     if height * width > max_pixels:
         # The decoder's widest activations dominate: about 128 channels x 4 bytes per pixel, twice (in and out).
-        estimate = height * width * 128 * 4 * 2 + count * latent_channels * (height // factor) * (width // factor) * 4
+        estimate = height * width * 128 * 4 * 2
         raise ValueError(f"{height}x{width} is {height * width:,} pixels per image, over the limit of {max_pixels:,} "
                          f"(about {estimate / 2**30:.1f} GiB for one image's decode); raise pipe.max_pixels if the "
                          "machine has the memory")

@@ -196,7 +196,7 @@ class LatentDiffusionPipeline:
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         h = self.sample_size if height is None else height
         w = self.sample_size if width is None else width
-        check_size(h, w, 1, self.vae.downsampling_factor, self.vae.latent_channels, self.max_pixels)
+        check_size(h, w, self.vae.downsampling_factor, self.max_pixels)
         return int(h), int(w)
 
     @torch.no_grad()
