@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from collections.abc import Sequence
 
+from ldm.cli_args import finite_float, positive_int
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Models whose every constructor argument `ldm fit --help` documents.
 MODEL_CLASSES = ("ldm.models.AutoencoderKL", "ldm.models.LatentDiffusion")
@@ -31,6 +33,18 @@ def _lightning_cli(args: list[str]) -> None:
         def before_instantiate_classes(self) -> None:
             _no_vae_encoder_for_latents(self.config[self.subcommand] if self.subcommand else self.config)
 
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except Exception as exc:  # a model or data argument the classes refuse: a usage error (exit 2)
+                _raise_usage_error(exc)
+
+        def instantiate_trainer(self, **kwargs):
+            return super().instantiate_trainer(**_with_atomic_checkpoints(self._get(self.config_init, "trainer", default={}), kwargs))
+
+        def before_fit(self) -> None:
+            _resolve_last_checkpoint(self.trainer, self.config_init[self.subcommand] if self.subcommand else self.config_init)
+
     _CLI(
         model_class=None,
         datamodule_class=None,
@@ -39,6 +53,47 @@ def _lightning_cli(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def _raise_usage_error(exc: Exception) -> None:
+    from ldm.cli_errors import UsageError, is_expected, one_line, root_cause
+
+    cause = root_cause(exc)
+    if not is_expected(cause):
+        raise exc
+    name = "" if type(cause) is ValueError else f"{type(cause).__name__}: "
+    raise UsageError(f"{name}{one_line(cause)}") from exc
+
+
+def _with_atomic_checkpoints(trainer_config: dict, kwargs: dict) -> dict:
+    """Trainer arguments with :class:`AtomicCheckpointIO` added, unless the config brings its own CheckpointIO."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from ldm.models.checkpoint_io import AtomicCheckpointIO
+
+    plugins = kwargs.get("plugins", trainer_config.get("plugins")) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return {**kwargs, "plugins": plugins}
+
+
+def _resolve_last_checkpoint(trainer, config) -> None:
+    """``--ckpt_path last``: the newest checkpoint that loads in the ModelCheckpoint folders, whatever its name
+    (a kill can leave ``last.ckpt`` one save behind ``step=N.ckpt``), after removing half-written ones."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ldm.models.checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
+
+    folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    if trainer.is_global_zero:
+        remove_stale_temp_files(folders)
+    if config.get("ckpt_path") == "last":
+        newest = newest_valid_checkpoint(folders)
+        if newest is not None:
+            config["ckpt_path"] = str(newest)
+            if trainer.is_global_zero:
+                print(f"Resuming from {newest} (the newest checkpoint that loads)", file=sys.stderr)
 
 
 def _no_vae_encoder_for_latents(config) -> None:
@@ -92,9 +147,9 @@ def _reconstruct_main(args: list[str]) -> None:
     parser.add_argument("--model", required=True, help="folder written by AutoencoderKL.save_pretrained")
     parser.add_argument("--data", default="digits", help="dataset folder or built-in name")
     parser.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    parser.add_argument("--image-size", type=int, default=32, help="image size")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="image size")
     parser.add_argument("--out", default="outputs/reconstructions.png", help="PNG grid to write")
-    parser.add_argument("--num-images", type=int, default=16, help="images in the grid")
+    parser.add_argument("--num-images", type=positive_int, default=16, help="images in the grid")
     ns = parser.parse_args(args)
 
     dm = ImageCaptionDataModule(root=ns.data, data_dir=ns.data_dir, image_size=ns.image_size, batch_size=64)
@@ -116,12 +171,12 @@ def _add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                         help="override the model's prediction type (SD 2.x 768-v single files: v_prediction)")
     parser.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the EMA ones (.ckpt, SD files)")
-    parser.add_argument("--num-heads", type=int, default=None,
+    parser.add_argument("--num-heads", type=positive_int, default=None,
                         help="SD single file: UNet attention heads, when not SD's (shapes cannot tell; default: its YAML's, else v1 8)")
     parser.add_argument("--num-head-channels", type=int, default=None,
                         help="SD single file: channels per UNet attention head instead of --num-heads (SD v2: 64)")
     parser.add_argument("--lora", default=None, help="LoRA adapter (.safetensors, or a folder with pytorch_lora_weights.safetensors)")
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA adapter")
+    parser.add_argument("--lora-scale", type=finite_float(), default=1.0, help="strength of the LoRA adapter")
 
 
 def _load_pipeline(ns: argparse.Namespace, device: str | None = None):
@@ -143,11 +198,11 @@ def _generate_main(args: list[str]) -> None:
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
     _add_sampling_args(parser, steps=25, karras=True)
     parser.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i); random if omitted")
-    parser.add_argument("--num-images", type=int, default=1, help="images to generate")
-    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's training size)")
-    parser.add_argument("--width", type=int, default=None, help="image width")
+    parser.add_argument("--num-images", type=positive_int, default=1, help="images to generate")
+    parser.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's training size)")
+    parser.add_argument("--width", type=positive_int, default=None, help="image width")
     parser.add_argument("--init-image", default=None, help="img2img / inpainting: the starting image")
-    parser.add_argument("--strength", type=float, default=None, help="img2img: how much to change the init image, in (0, 1]")
+    parser.add_argument("--strength", type=finite_float(0.0, 1.0, low_open=True), default=None, help="img2img: how much to change the init image, in (0, 1]")
     parser.add_argument("--mask", default=None, help="inpainting: white = repaint, black = keep (same size as --init-image)")
     parser.add_argument("--out", default="outputs", help="output folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -208,8 +263,8 @@ def _convert_main(args: list[str]) -> None:
 def _add_sampling_args(parser: argparse.ArgumentParser, steps: int = 20, karras: bool = False) -> None:
     from ldm.diffusion.sampler_registry import KARRAS_SAMPLERS, SAMPLER_REGISTRY
 
-    parser.add_argument("--steps", type=int, default=steps, help="sampler steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=positive_int, default=steps, help="sampler steps")
+    parser.add_argument("--guidance", type=finite_float(), default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLER_REGISTRY), help="sampler (default: dpmpp_2m)")
     if karras:
         parser.add_argument("--karras", action="store_true", help=f"Karras sigmas ({', '.join(KARRAS_SAMPLERS)})")
@@ -222,16 +277,16 @@ def _evaluate_main(args: list[str]) -> None:
     digits.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
     _add_loading_args(digits)
     _add_sampling_args(digits)
-    digits.add_argument("--per-digit", type=int, default=10, help="samples per digit")
+    digits.add_argument("--per-digit", type=positive_int, default=10, help="samples per digit")
     digits.add_argument("--seed", type=int, default=0, help="first seed")
     digits.add_argument("--out", default="outputs/demo_samples.png", help="PNG grid: one row per digit 0..9")
     mirrored = sub.add_parser("mirrored", help="'a mirrored digit N' vs 'a handwritten digit N' judged by digit and orientation")
     mirrored.add_argument("--model", required=True, help="exported model folder (e.g. checkpoints/demo)")
     _add_loading_args(mirrored)
     _add_sampling_args(mirrored)
-    mirrored.add_argument("--per-digit", type=int, default=10, help="samples per prompt (digits 2-7, 9; mirrored and normal)")
+    mirrored.add_argument("--per-digit", type=positive_int, default=10, help="samples per prompt (digits 2-7, 9; mirrored and normal)")
     mirrored.add_argument("--seed", type=int, default=0, help="first seed (shared by the mirrored and normal prompt of a digit)")
-    mirrored.add_argument("--batch-size", type=int, default=100, help="images per pipeline call")
+    mirrored.add_argument("--batch-size", type=positive_int, default=100, help="images per pipeline call")
     mirrored.add_argument("--grid", default="outputs/mirrored_samples.png", help="PNG grid: mirrored prompts' rows, then normal")
     ns = parser.parse_args(args)
 
@@ -269,8 +324,16 @@ def _evaluate_main(args: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``ldm`` console script."""
+    """Entry point of the ``ldm`` console script (``--debug`` anywhere: tracebacks instead of one-line errors)."""
+    from ldm.cli_errors import pop_debug, run_reporting_errors
+
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = pop_debug(args)
+    command = args[0] if args else ""
+    run_reporting_errors(command, lambda: _dispatch(args), debug)
+
+
+def _dispatch(args: list[str]) -> None:
     if args and args[0] == "data":
         from ldm.cli_data import data_main
 
@@ -295,12 +358,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "       ldm generate PROMPT --model DIR [--steps 25 --seed 0]  text-to-image (img2img/inpainting: --init-image, --mask)\n"
             "       ldm convert SRC DST --to ldm|diffusers|sd              convert between model formats\n"
             "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo\n"
-            "       ldm evaluate mirrored --model DIR [--lora FILE]        'a mirrored digit N': digit + orientation accuracy",
+            "       ldm evaluate mirrored --model DIR [--lora FILE]        'a mirrored digit N': digit + orientation accuracy\n"
+            "       --debug (any command)                                  show tracebacks instead of one-line errors",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )
         if args and args[0] not in ("-h", "--help"):
             raise SystemExit(2)
-
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ldm.cli_args import finite_float, non_negative_int, positive_int
+
 
 def data_main(args: list[str]) -> None:
     """``ldm data ARGS``: parse and run one data subcommand."""
@@ -14,23 +16,23 @@ def data_main(args: list[str]) -> None:
     prep = sub.add_parser("prepare", help="write a built-in dataset as images + metadata.jsonl")
     prep.add_argument("name", choices=sorted(BUILTIN_DATASETS), help="built-in dataset")
     prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--image-size", type=int, default=None, help="image size in pixels (shapes: 32 or 64)")
-    prep.add_argument("--num-images", type=int, default=None, help="number of images (shapes only)")
+    prep.add_argument("--image-size", type=positive_int, default=None, help="image size in pixels (shapes: 32 or 64)")
+    prep.add_argument("--num-images", type=positive_int, default=None, help="number of images (shapes only)")
     prep.add_argument("--seed", type=int, default=None, help="random seed (shapes only)")
     tok = sub.add_parser("tokenizer", help="train a small CLIP-style BPE tokenizer on a dataset's captions")
     tok.add_argument("root", help="dataset folder or built-in name")
     tok.add_argument("--out", required=True, help="output folder (loadable with CLIPTokenizer.from_pretrained)")
     tok.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    tok.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary to learn")
+    tok.add_argument("--vocab-size", type=positive_int, default=1000, help="largest vocabulary to learn")
     _add_encode_parser(sub)
     opt = sub.add_parser("optimize", help="write a dataset (folder or built-in) as litdata shards for streaming")
     opt.add_argument("root", help="dataset folder or built-in name (anything --data.root accepts)")
     opt.add_argument("--out", required=True, help="output directory (train/ and val/ litdata directories)")
     opt.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    opt.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    opt.add_argument("--resize", type=int, default=None, help="re-encode with the shorter side at most this many pixels")
+    opt.add_argument("--workers", type=positive_int, default=1, help="parallel worker processes")
+    opt.add_argument("--resize", type=positive_int, default=None, help="re-encode with the shorter side at most this many pixels")
     opt.add_argument("--chunk-bytes", default="64MB", help="target chunk size")
-    opt.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
+    opt.add_argument("--val-fraction", type=finite_float(0.0, 1.0), default=0.1, help="validation share, as --data.val_fraction")
     ns = parser.parse_args(args)
     if ns.command == "optimize":
         from ldm.data.shards import optimize_dataset
@@ -77,19 +79,19 @@ def _add_encode_parser(sub) -> None:
                           "with text_encoder/ and tokenizer/, or 'same' for the text encoder of the --vae model")
     enc.add_argument("--text-encoder-layer", default=None, choices=["last", "penultimate"],
                      help="hidden layer used as context (default: the one recorded with the text encoder)")
-    enc.add_argument("--image-size", type=int, default=None, help="training image size (default: the VAE's training size)")
-    enc.add_argument("--batch-size", type=int, default=32, help="images (captions) per encoder call")
+    enc.add_argument("--image-size", type=positive_int, default=None, help="training image size (default: the VAE's training size)")
+    enc.add_argument("--batch-size", type=positive_int, default=32, help="images (captions) per encoder call")
     enc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     enc.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                      help="storage of moments and embeddings (float16: half the size; read back as float32)")
     enc.add_argument("--chunk-bytes", default="64MB", help="target litdata chunk size")
-    enc.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
+    enc.add_argument("--part-size", type=positive_int, default=4096, help="images per resumable part")
     enc.add_argument("--data-dir", default="data", help="where built-in datasets live")
-    enc.add_argument("--val-fraction", type=float, default=0.1, help="validation share, as --data.val_fraction")
-    enc.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
+    enc.add_argument("--val-fraction", type=finite_float(0.0, 1.0), default=0.1, help="validation share, as --data.val_fraction")
+    enc.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader processes decoding images")
     enc.add_argument("--buckets", action="store_true", help="aspect-ratio buckets: each image's latents at its bucket size")
-    enc.add_argument("--bucket-multiple", type=int, default=64, help="bucket sides are multiples of this (as --data.bucket_multiple)")
-    enc.add_argument("--bucket-max-ratio", type=float, default=2.0, help="widest bucket aspect ratio (as --data.bucket_max_ratio)")
+    enc.add_argument("--bucket-multiple", type=positive_int, default=64, help="bucket sides are multiples of this (as --data.bucket_multiple)")
+    enc.add_argument("--bucket-max-ratio", type=finite_float(1.0), default=2.0, help="widest bucket aspect ratio (as --data.bucket_max_ratio)")
 
 
 def _encode_main(ns: argparse.Namespace) -> None:

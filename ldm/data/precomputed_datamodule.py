@@ -60,14 +60,14 @@ class PrecomputedLatentsDataModule(ResumableTrainData, L.LightningDataModule):
         max_cache_size: str = "50GB",
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or 1)):
+        for name, value in (("batch_size", batch_size), ("val_batch_size", 1 if val_batch_size is None else val_batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
         self.save_hyperparameters()
         self.root = str(root)
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.batch_size, self.val_batch_size = batch_size, batch_size if val_batch_size is None else val_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, int(seed)
         self.text_embeddings, self.local_shuffle = text_embeddings, local_shuffle
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size

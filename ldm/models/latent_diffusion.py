@@ -275,7 +275,7 @@ class LatentDiffusion(pl.LightningModule):
         self.eval()
         context = self.text_encoder.encode(prompts)
         uncond = self.text_encoder.encode([""] * len(prompts))
-        size = latent_size or self._latent_size()
+        size = self._latent_size() if latent_size is None else latent_size
         height, width = (size, size) if isinstance(size, int) else size
         g = torch.Generator(device=self.device).manual_seed(seed)
         # Half-precision frozen weights need autocast (Lightning's covers only the steps, not this hook).

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,8 @@ from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
-from ldm.pipeline.checks import DEFAULT_MAX_PIXELS, check_finite, check_finite_output, check_size
+from ldm.pipeline.checks import (DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS, check_batch, check_finite, check_finite_output,
+                                 check_size)
 from ldm.pipeline.memory import tiled_decode
 
 @dataclass
@@ -46,8 +48,10 @@ class LatentDiffusionPipeline:
         check_finite("scaling_factor", float(scaling_factor))
         if float(scaling_factor) <= 0:
             raise ValueError(f"the VAE's scaling_factor must be positive, got {scaling_factor}: the model's config is broken")
-        self.sample_size = 64 * vae.downsampling_factor if sample_size is None else int(sample_size)
+        self.sample_size = 64 * vae.downsampling_factor if sample_size is None else sample_size
+        check_size(self.sample_size, self.sample_size, vae.downsampling_factor, DEFAULT_MAX_PIXELS, "the model's sample_size")
         self.max_pixels = DEFAULT_MAX_PIXELS  # per image; checked before anything is allocated
+        self.max_batch_pixels = DEFAULT_MAX_BATCH_PIXELS  # all images of one call together
         self.vae_slicing = False
         self.vae_tile_size: int | None = None
         # The model's timestep layout and final-step settings (SD: steps_offset 1, DDIM ends at alphas_cumprod[0]).
@@ -213,7 +217,7 @@ class LatentDiffusionPipeline:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLER_REGISTRY)}")
         if output_type not in (*OUTPUT_TYPES, "latent"):
             raise ValueError(f"output_type must be one of {(*OUTPUT_TYPES, 'latent')}, got {output_type!r}")
-        if num_images_per_prompt < 1:
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         check_finite("guidance_scale", guidance_scale)
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
@@ -221,6 +225,7 @@ class LatentDiffusionPipeline:
         for name, tensor in (("init image", init_image), ("mask", mask)):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"the {name} holds NaN or infinite values")
+        check_batch(len(prompts) * num_images_per_prompt, height, width, self.max_batch_pixels)
         negatives = _expand_negative(negative_prompt, len(prompts))
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]

@@ -42,6 +42,29 @@ def test_sizes_over_the_limit_are_refused_before_allocating(pipe):  # noqa: F811
     assert small("a red circle", height=32, width=32, **KW).images.shape == (1, 3, 32, 32)
 
 
+def test_too_many_images_in_one_call_are_refused_before_allocating(pipe):  # noqa: F811
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        pipe("a red circle", num_images_per_prompt=2.5, **KW)
+    with pytest.raises(ValueError, match="pixels in one call") as info:
+        pipe(["a red circle"] * 10, num_images_per_prompt=100_000, height=32, width=32, **KW)
+    assert "max_batch_pixels" in str(info.value) and "GiB" in str(info.value)
+    few = copy.copy(pipe)
+    few.max_batch_pixels = 2 * 32 * 32
+    with pytest.raises(ValueError, match="3 images of 32x32"):
+        few("a red circle", num_images_per_prompt=3, height=32, width=32, **KW)
+    assert few("a red circle", num_images_per_prompt=2, height=32, width=32, **KW).images.shape[0] == 2
+
+
+def test_a_model_whose_sample_size_is_absurd_is_refused_at_construction(pipe):  # noqa: F811
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, schedule=pipe.schedule,
+                 prediction_type=pipe.prediction_type, scaling_factor=pipe.scaling_factor)
+    for size in (10**9, 0, -64, 33, 64.0):
+        with pytest.raises(ValueError, match="sample_size"):
+            LatentDiffusionPipeline(**parts, sample_size=size)
+
+
 def test_img2img_strength_and_non_finite_init_images(pipe):  # noqa: F811
     image = np.full((32, 32, 3), 128, dtype=np.uint8)
     for strength in (0.0, float("nan"), 1.5):
