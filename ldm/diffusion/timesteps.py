@@ -45,6 +45,20 @@ def sampling_timesteps(
     if convention not in TIMESTEP_CONVENTIONS:
         raise ValueError(f"Unknown timestep convention {convention!r}; choose one of {', '.join(TIMESTEP_CONVENTIONS)}")
 
+    ts = _timesteps(T, num_steps, spacing, steps_offset, convention)
+    if not _strictly_decreasing(ts):  # near T, rounding makes some spacings repeat steps
+        fewer = next(n for n in range(num_steps - 1, 0, -1)
+                     if _strictly_decreasing(_timesteps(T, n, spacing, steps_offset, convention)))
+        raise ValueError(f"{num_steps} sampling steps (num_inference_steps) repeat timesteps with {spacing!r} spacing "
+                         f"for this sampler ({convention} layout of {T} training timesteps); use at most {fewer}")
+    return ts
+
+
+def _strictly_decreasing(ts: torch.Tensor) -> bool:
+    return bool((ts[1:] < ts[:-1]).all())
+
+
+def _timesteps(T: int, num_steps: int, spacing: str, steps_offset: int, convention: str) -> torch.Tensor:
     if convention == "euler":
         return _euler_timesteps(T, num_steps, spacing, steps_offset)
     if spacing == "trailing":

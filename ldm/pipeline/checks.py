@@ -31,7 +31,7 @@ def check_size(height: int, width: int, factor: int, max_pixels: int, what: str 
     anything is allocated; the message states the memory the request would need."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % factor:
-            raise ValueError(f"{what or name} must be a positive multiple of {factor} (the autoencoder's factor), got {value!r}")
+            raise ValueError(f"{what or name} must be a positive multiple of {factor} (the autoencoder's and UNet's downsampling), got {value!r}")
     height, width = int(height), int(width)
     if height * width > max_pixels:
         # The decoder's widest activations dominate: about 128 channels x 4 bytes per pixel, twice (in and out).

@@ -200,7 +200,8 @@ class LatentDiffusionPipeline:
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         h = self.sample_size if height is None else height
         w = self.sample_size if width is None else width
-        check_size(h, w, self.vae.downsampling_factor, self.max_pixels)
+        # The VAE downsamples by its factor, then the UNet by its own: sizes are multiples of their product.
+        check_size(h, w, self.vae.downsampling_factor * self.unet.downsampling_factor, self.max_pixels)
         return int(h), int(w)
 
     @torch.no_grad()
@@ -211,8 +212,11 @@ class LatentDiffusionPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty: give a string (\"\" for unconditional) or a non-empty list")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        steps_limit = len(self.schedule.alphas_cumprod)
+        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
+                or not 1 <= num_inference_steps <= steps_limit):
+            raise ValueError(f"num_inference_steps must be an integer in [1, {steps_limit}] (the model's training "
+                             f"timesteps), got {num_inference_steps!r}")
         if sampler not in SAMPLER_REGISTRY:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLER_REGISTRY)}")
         if output_type not in (*OUTPUT_TYPES, "latent"):
@@ -361,9 +365,10 @@ def _seeds_for(seed: int | list[int] | None, n: int, generator: torch.Generator 
         return [None] * n  # the noise comes from the generator, untouched here, as in diffusers
     if seed is None:
         return torch.randint(0, 2**31 - 1, (n,)).tolist()
-    if isinstance(seed, int):
-        return [seed + i for i in range(n)]
-    seeds = list(seed)
+    seeds = [seed + i for i in range(n)] if isinstance(seed, numbers.Integral) else list(seed)
     if len(seeds) != n:
         raise ValueError(f"seed has {len(seeds)} entries but {n} images are requested (prompts x num_images_per_prompt); give one seed per image or a single int")
-    return seeds
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63) (one per image: seed + i), got {value!r}")
+    return [int(value) for value in seeds]

@@ -20,9 +20,14 @@ VAE_ARGS = dict(TINY_VAE_SHAPE)
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory) -> LatentDiffusionPipeline:
+    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+
+
+def tiny_pipeline(tokenizer_dir) -> LatentDiffusionPipeline:
+    """A tiny random-weight pipeline (32x32 images, f=4) whose tokenizer is trained into ``tokenizer_dir``."""
     torch.manual_seed(0)
     tok = train_clip_tokenizer([f"a red circle {i}" for i in range(30)] + ["a blue square", "a green triangle"],
-                               tmp_path_factory.mktemp("tok"), vocab_size=600)
+                               tokenizer_dir, vocab_size=600)
     text = new_text_encoder(tok, TextEncoderConfig(**TINY_TEXT))
     unet_config = dict(TINY_UNET, context_dim=text.hidden_size, in_channels=4, out_channels=4)
     unet = UNetModel(**unet_config)
