@@ -122,7 +122,7 @@ def test_inpainting_keeps_unmasked_region(pipe):
 
 
 def test_bad_arguments_raise_value_errors_naming_them(pipe):
-    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
         pipe("x", height=30)
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe("x", num_inference_steps=0)
