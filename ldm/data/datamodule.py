@@ -14,6 +14,7 @@ from ldm.data.builtin import BUILTIN_DATASETS, is_prepared, prepare_builtin
 from ldm.data.buckets import assign_buckets, data_bucket_sizes
 from ldm.data.epoch_plan import item_groups
 from ldm.data.dataset import CROP_CHOICES, ImageCaptionDataset
+from ldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, pil_limit_off, read_size
 from ldm.data.latent_cache import LatentCacheData
 from ldm.data.manifest import ScanManifest
 from ldm.data.records import ImageRecord
@@ -25,7 +26,7 @@ from ldm.data.scan import (
     inspect_files,
     scan_dataset,
 )
-from ldm.data.sources import LAYOUT_HELP, discover_records
+from ldm.data.sources import LAYOUT_HELP, Discovery, discover_dataset
 from ldm.data.split import split_records
 
 __all__ = ["ImageCaptionDataModule"]
@@ -69,14 +70,28 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         pin_memory: Pin batches in page-locked memory (faster copies to a GPU).
         persistent_workers: Keep validation workers alive between epochs (only used when num_workers > 0;
             training workers restart each epoch, as they learn the epoch's order when they start).
-        on_bad_file: What to do with unreadable or missing images found at set-up: "skip" leaves
-            them out and logs each one; "error" stops at the first.
+        on_bad_file: What to do with bad input found at set-up (unreadable, missing or too large
+            images, dangling links, bad lines of metadata.jsonl/CSV such as malformed JSON, a NUL
+            byte in a path or text that is not UTF-8, caption files that are not UTF-8): "skip"
+            leaves each out and logs it with its reason (file and line for metadata), counted in
+            ``skipped``; "error" stops at the first. Paths out of the dataset folder (absolute,
+            ``../``, symbolic links; see ``follow_symlinks``) are always an error.
         verify: How hard set-up checks each image: "full" decodes every pixel (catches truncated
             files); "header" opens the file and reads its size without decoding (catches
             non-images, much faster); "none" only checks that the file exists and is not empty.
             Results are kept in a manifest (see ``manifest_dir``), so a later start re-checks only
             new or changed files; an entry from a weaker mode does not count for a stronger one.
         scan_workers: Processes that check images at set-up; default min(8, CPU count).
+        follow_symlinks: Read symbolic links (files, and folders of a caption-file dataset) that
+            lead out of the dataset folder, for datasets assembled from links. Off by default:
+            such a link stops set-up with an error listing the links, as a ``../`` path does
+            (links within the folder are fine). Either way a link's target must exist and be an
+            image (else it is a bad file, see ``on_bad_file``).
+        max_image_pixels: Largest image accepted, in pixels (width x height, read from the
+            header before anything is decoded); larger ones are bad files (``on_bad_file``).
+            Default 8192*8192 = 67 Mpx, about 200 MB decoded. Replaces PIL's decompression-bomb
+            limit in both directions. Not checked at set-up with ``verify="none"`` (no header is
+            read): such an image then fails when loaded.
         manifest_dir: Folder for the scan manifest. Default: ``.ldm-manifest.json`` in the dataset
             folder, or ``~/.cache/ldm/manifests/`` (``$XDG_CACHE_HOME``) when that folder is not
             writable.
@@ -121,6 +136,8 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         on_bad_file: Literal["skip", "error"] = "skip",
         verify: Literal["full", "header", "none"] = "full",
         scan_workers: int | None = None,
+        follow_symlinks: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         manifest_dir: str | None = None,
         prepare_data_per_node: bool = True,
         max_train_samples: int | None = None,
@@ -136,6 +153,8 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         _check_choice("verify", verify, VERIFY_CHOICES)
         if scan_workers is not None and (isinstance(scan_workers, bool) or scan_workers < 1):
             raise ValueError(f"scan_workers must be a positive integer or None, got {scan_workers!r}")
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
         if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         for name, value in (("image_size", image_size), ("batch_size", batch_size)):
@@ -165,6 +184,8 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         self.on_bad_file = on_bad_file
         self.verify = verify
         self.scan_workers = scan_workers if scan_workers is not None else default_scan_workers()
+        self.follow_symlinks = follow_symlinks
+        self.max_image_pixels = max_image_pixels
         self.manifest_dir = manifest_dir
         self.prepare_data_per_node = prepare_data_per_node  # read by Lightning's Trainer
         self.max_train_samples = max_train_samples
@@ -191,10 +212,10 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         """
         if self.builtin_name is not None:
             prepare_builtin(self.builtin_name, self.dataset_root, **self.builtin_options)
-        records = self._discover()
+        records = self._discover().records
         inspect_files(
             self.dataset_root, [r.path for r in records], self.verify, self.scan_workers,
-            self._manifest(),
+            self._manifest(), self.follow_symlinks, self.max_image_pixels,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -212,11 +233,13 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
             return
         if self.builtin_name is not None and not is_prepared(self.dataset_root):
             self.prepare_data()  # used outside a Trainer without calling prepare_data() first
+        discovery = self._discover()
         scan = scan_dataset(
-            self.dataset_root, self._discover(), self.on_bad_file, self.verify, self.scan_workers,
-            self._manifest(),
+            self.dataset_root, discovery.records, self.on_bad_file, self.verify, self.scan_workers,
+            self._manifest(), self.follow_symlinks, self.max_image_pixels,
         )
-        records, self.skipped, self.image_sizes = scan.good, scan.skipped, scan.sizes
+        records, self.image_sizes = scan.good, scan.sizes
+        self.skipped = discovery.skipped + scan.skipped
         train, val = split_records(records, self.val_fraction)
         if not train:
             raise ValueError(
@@ -225,7 +248,7 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
             )
         if self.max_train_samples is not None:
             train = train[: self.max_train_samples]
-        common = {"root": self.dataset_root, "image_size": self.image_size}
+        common = {"root": self.dataset_root, "image_size": self.image_size, "max_image_pixels": self.max_image_pixels}
         self.train_dataset = ImageCaptionDataset(
             records=train, crop=self.crop, random_flip=self.random_flip, train=True,
             sizes=self._bucket_of(train), **common
@@ -234,7 +257,7 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
             records=val, crop="center", train=False, sizes=self._bucket_of(val), **common
         )
         log.info(
-            "%s: %d training and %d validation images (%d unreadable skipped)",
+            "%s: %d training and %d validation images (%d skipped: unreadable files and bad metadata lines)",
             self.dataset_root, len(train), len(val), len(self.skipped),
         )
 
@@ -242,7 +265,8 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         """Each record's bucket ``(height, width)`` (None without buckets); sizes from the scan, else the header."""
         if not self.buckets:
             return None
-        image_sizes = [self.image_sizes.get(r.path) or _header_size(self.dataset_root / r.path) for r in records]
+        image_sizes = [self.image_sizes.get(r.path) or _header_size(self.dataset_root / r.path, self.max_image_pixels)
+                       for r in records]
         return [self.bucket_sizes[b] for b in assign_buckets(image_sizes, self.bucket_sizes)]
 
     @property
@@ -251,9 +275,10 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         counts = Counter(getattr(self.train_dataset, "sizes", None) or [])
         return {size: counts[size] for size in sorted(counts)}
 
-    def _discover(self) -> list[ImageRecord]:
-        return discover_records(
-            self.dataset_root, self.csv_file, self.image_column, self.caption_column
+    def _discover(self) -> Discovery:
+        return discover_dataset(
+            self.dataset_root, self.csv_file, self.image_column, self.caption_column, self.on_bad_file,
+            self.follow_symlinks,
         )
 
     def _manifest(self) -> ScanManifest:
@@ -298,11 +323,12 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
         return dataset
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.size
+def _header_size(path: Path, max_image_pixels: int) -> tuple[int, int]:
+    """An image's size from its header (``verify="none"`` read none), refusing one above the limit."""
+    with pil_limit_off():
+        size = read_size(path)
+    check_pixel_limit(path, size, max_image_pixels)
+    return size
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

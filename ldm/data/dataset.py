@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ldm.data.buckets import bucket_transform
-from ldm.data.images import load_rgb
+from ldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from ldm.data.records import ImageRecord
 from ldm.data.transforms import CROP_CHOICES, build_transform  # noqa: F401  (re-exported)
 
@@ -60,6 +60,7 @@ class ImageCaptionDataset(Dataset):
         train: Training mode (random caption per access) or eval mode (first caption).
         sizes: Per record, the ``(height, width)`` of its aspect-ratio bucket (:mod:`ldm.data.buckets`): the
             image is resized to cover it and cropped to it instead of to a square. None: squares of ``image_size``.
+        max_image_pixels: Refuse (``BadImageError``, before decoding) an image with more pixels than this.
     """
 
     def __init__(
@@ -71,8 +72,10 @@ class ImageCaptionDataset(Dataset):
         random_flip: bool = False,
         train: bool = True,
         sizes: Sequence[tuple[int, int]] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.root = Path(root)
+        self.max_image_pixels = max_image_pixels
         self.records = list(records)
         self.image_size = image_size
         self.train = train
@@ -100,7 +103,7 @@ class ImageCaptionDataset(Dataset):
         Args:
             index: Record index.
         """
-        return self.transforms(index, load_rgb(self.root / self.records[index].path))
+        return self.transforms(index, load_rgb(self.root / self.records[index].path, self.max_image_pixels))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
         return {"image": self.image(index), "text": self.caption(index), "index": index}

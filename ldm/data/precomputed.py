@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 
 from ldm.data.dataset import caption_index
 
-__all__ = ["EMPTY_PROMPT_ID", "FORMAT", "INFO_FILE", "SPLITS", "TEXT_DIR", "PrecomputedLatentsDataset", "join_url",
-           "read_info"]
+__all__ = ["EMPTY_PROMPT_ID", "FORMAT", "INFO_FILE", "SPLITS", "TEXT_DIR", "PrecomputedLatentsDataset",
+           "check_local_chunks", "join_url", "read_info"]
 
 INFO_FILE = "ldm_latents.json"
 FORMAT = "ldm-precomputed-latents/1"
@@ -77,6 +77,34 @@ def read_info(root: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
+def check_local_chunks(folder: str | os.PathLike[str]) -> None:
+    """Check that every chunk file of a local litdata folder has the size its ``index.json`` recorded.
+
+    A truncated or missing chunk would otherwise fail deep inside a DataLoader worker, mid-training.
+
+    Raises:
+        ValueError: A chunk is missing or has another size (naming it and the fix).
+    """
+    index_path = os.path.join(folder, "index.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return  # litdata's own error about the index is clear enough
+    if (index.get("config") or {}).get("compression"):
+        return  # compressed chunks are not stored at their recorded size
+    for chunk in index.get("chunks", []):
+        path = os.path.join(folder, chunk["filename"])
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = None
+        if size != chunk["chunk_bytes"]:
+            found = "is missing" if size is None else f"is {size} bytes, {chunk['chunk_bytes']} when written"
+            raise ValueError(f"{path} {found}: the precomputed latents are damaged (a copy cut short, or a full disk); "
+                             "re-run 'ldm data encode' into a new --out, or copy the folder again")
+
+
 class PrecomputedLatentsDataset(Dataset):
     """One split of an ``ldm data encode`` output, as ``{"moments": FloatTensor[2C, h, w], "text": str, "index": int}``
     items, plus ``"context": FloatTensor[L, D]`` (the chosen caption's embedding) when text embeddings were written.
@@ -118,6 +146,8 @@ class PrecomputedLatentsDataset(Dataset):
         except (FileNotFoundError, ValueError) as error:
             raise FileNotFoundError(f"{url}: cannot read the litdata chunks ({error}); the encode output is damaged, "
                                     "re-run 'ldm data encode' into a new --out") from error
+        if not _is_remote(url):
+            check_local_chunks(url)
         expected = self._count if part != TEXT_DIR else int(self.info["counts"]["captions"])
         stored = sum(end - start for start, end in ds.region_of_interest)
         if stored != expected:

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.data.images import load_rgb
+from ldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb, pil_limit_off
 from ldm.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -33,17 +33,17 @@ SIZES_FILE = "ldm_sizes.json"
 class _Encoder:
     """litdata's per-item function: picklable, so worker processes can run it."""
 
-    def __init__(self, root: Path, resize: int | None) -> None:
-        self.root, self.resize = root, resize
+    def __init__(self, root: Path, resize: int | None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.root, self.resize, self.max_image_pixels = root, resize, max_image_pixels
 
     def __call__(self, record: ImageRecord) -> dict[str, Any]:
         path = self.root / record.path
         if self.resize is None:
             data = path.read_bytes()
-            with Image.open(io.BytesIO(data)) as img:
+            with pil_limit_off(), Image.open(io.BytesIO(data)) as img:  # the scan held it to max_image_pixels
                 width, height = img.size
         else:
-            image = load_rgb(path)
+            image = load_rgb(path, self.max_image_pixels)
             scale = self.resize / min(image.size)
             if scale < 1:
                 image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
@@ -78,7 +78,7 @@ def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int
         val_fraction: As the DataModule's.
         progress: Show litdata's progress bar.
         datamodule_options: Other ``ImageCaptionDataModule`` arguments that shape the records (csv_file,
-            image_column, caption_column, on_bad_file, verify, ...).
+            image_column, caption_column, on_bad_file, verify, follow_symlinks, max_image_pixels, ...).
 
     Returns:
         The summary written to ``out/ldm_shards.json``.
@@ -105,7 +105,7 @@ def optimize_dataset(source: str, out: str | Path, workers: int = 1, resize: int
         if not records:
             continue
         # fork: workers start in milliseconds and need no __main__ guard (litdata's default, spawn, re-imports torch)
-        optimize(fn=_Encoder(dm.dataset_root, resize), inputs=records, output_dir=str(out / split), chunk_bytes=chunk_bytes,
+        optimize(fn=_Encoder(dm.dataset_root, resize, dm.max_image_pixels), inputs=records, output_dir=str(out / split), chunk_bytes=chunk_bytes,
                  num_workers=max(1, min(workers, len(records))), mode="overwrite", verbose=progress,
                  start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         _write_sizes(out / split)
