@@ -29,6 +29,9 @@ def _lightning_cli(args: list[str]) -> None:
     class _CLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults({"data": {"class_path": DATA_CLASSES[0]}})
+            # Always on (issue 12, training faults): checkpoint-and-stop on SIGTERM/SIGUSR1; a failed DDP rank ends the job.
+            parser.add_lightning_class_args(ldm.models.PreemptionCheckpoint, "preemption")
+            parser.add_lightning_class_args(ldm.models.RankFailureExit, "rank_failure")
 
         def before_instantiate_classes(self) -> None:
             _no_vae_encoder_for_latents(self.config[self.subcommand] if self.subcommand else self.config)

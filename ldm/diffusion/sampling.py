@@ -43,6 +43,18 @@ def sampler_timesteps(
     return sampling_timesteps(schedule, num_steps, spacing, steps_offset, convention=convention)
 
 
+def _timesteps_in_range(name: str, schedule: NoiseSchedule, num_steps: int, config: SamplerConfig) -> torch.Tensor:
+    """:func:`sampler_timesteps`, refused when ``steps_offset`` pushes one past the schedule's last timestep (diffusers
+    lays such steps out too, then clamps or fails)."""
+    timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
+    last = schedule.num_timesteps - 1
+    if float(timesteps.max()) > last:
+        raise ValueError(f"steps_offset={config.steps_offset} puts a timestep at {float(timesteps.max()):g}, past the "
+                         f"schedule's last ({last}), with {num_steps} steps ({config.timestep_spacing!r} spacing); use "
+                         "fewer num_inference_steps, or fix the model's scheduler config (Stable Diffusion's steps_offset is 1)")
+    return timesteps
+
+
 def sample(
     name: str,
     denoiser: Denoiser,
@@ -86,7 +98,7 @@ def sample(
     info = _check(name, num_steps, start_step, karras)
     if eta != 0 and not info.takes_eta:
         raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
-    timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
+    timesteps = _timesteps_in_range(name, schedule, num_steps, config)
     kwargs: dict = {"callback": callback, "start_step": start_step}
     if info.supports_karras:
         kwargs["use_karras_sigmas"] = karras
@@ -129,7 +141,7 @@ def noise_to_step(
         ValueError: as :func:`sample`.
     """
     convention = _check(name, num_steps, start_step, karras).convention
-    timesteps = sampler_timesteps(name, schedule, num_steps, config.timestep_spacing, config.steps_offset)
+    timesteps = _timesteps_in_range(name, schedule, num_steps, config)
     if convention == "ddim":
         t = torch.full((x0.shape[0],), int(timesteps[start_step]), dtype=torch.long)
         return schedule.add_noise(x0, noise, t)

@@ -16,15 +16,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ldm.diffusion import NoiseSchedule, SamplerConfig
-from ldm.formats.weights import load_checked
+from ldm.formats.config_files import check_sample_size, check_scaling_factor, read_diffusers_scheduler, read_json_config
+from ldm.formats.weights import check_block_count, check_config_fits, load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.sd_checkpoint import _contiguous_unshared
 from ldm.formats.text_encoder_files import load_text_encoder
-from ldm.formats.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
-from ldm.formats.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
+from ldm.formats.unet_keys import DIFFUSERS_UNET_KEYS, diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
+from ldm.formats.vae_keys import DIFFUSERS_VAE_KEYS, diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
 from ldm.nn.autoencoder import KLAutoencoder
-from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.configs import AutoencoderConfig, ConfigError
 from ldm.nn.unet import UNetModel
 
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write; any recent diffusers reads them
@@ -35,7 +35,7 @@ SCHEDULER_CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscr
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing; is {str(path.parent.parent)!r} a diffusers folder?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_config(path)
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -48,7 +48,10 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(str(single), device="cpu")
         index = folder / f"{WEIGHTS_NAME}{variant}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError("weight_map", "expected an object of tensor name -> shard file name", str(index))
+            shards = sorted(set(weight_map.values()))
             out: dict[str, torch.Tensor] = {}
             for shard in shards:
                 out.update(load_file(str(folder / shard), device="cpu"))
@@ -57,6 +60,16 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if binary.is_file():
             return dict(torch.load(binary, map_location="cpu", weights_only=True))
     raise FileNotFoundError(f"no {WEIGHTS_NAME}.safetensors or .bin in {str(folder)!r}")
+
+
+def _renamed(rename: Any, state: dict[str, torch.Tensor], config: dict[str, Any], config_path: Path) -> dict[str, torch.Tensor]:
+    """``rename(state, config)``; weights the key map of the config does not cover are a config that does not
+    describe its weights."""
+    check_block_count(config, state, str(config_path), "layers_per_block, block_out_channels, transformer_layers_per_block")
+    try:
+        return rename(state, config)
+    except KeyError as error:
+        raise ValueError(f"{config_path} does not describe its weights: {error.args[0]}") from None
 
 
 class DiffusersStates(NamedTuple):
@@ -84,16 +97,24 @@ def read_diffusers_states(path: str | Path) -> DiffusersStates:
 
     Raises:
         FileNotFoundError: if ``model_index.json``, a config or weights are missing.
-        ValueError: for UNet/VAE configurations our modules cannot express.
+        ValueError: for UNet/VAE configurations our modules cannot express, configs that do not describe their
+            weights, and (``ConfigError``) bad config values, naming the file and diffusers' key.
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"diffusers folder {str(root)!r} does not exist")
     _read_json(root / "model_index.json")
-    unet_config = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
-    unet_state = diffusers_to_ldm_unet(_read_weights(root / "unet"), unet_config)
-    vae_config = vae_config_from_diffusers(_read_json(root / "vae" / "config.json"))
-    vae_state = diffusers_to_ldm_vae(_read_weights(root / "vae"), vae_config)
+    unet_path, vae_path = root / "unet" / "config.json", root / "vae" / "config.json"
+    unet_raw, vae_raw = _read_json(unet_path), _read_json(vae_path)
+    unet_config = unet_config_from_diffusers(unet_raw, str(unet_path))
+    unet_state = _renamed(diffusers_to_ldm_unet, _read_weights(root / "unet"), unet_config, unet_path)
+    # A config that leaves a shape key to diffusers' default and does not fit its weights names that key.
+    check_config_fits(lambda: UNetModel(**unet_config), unet_state, str(unet_path),
+                      [k for k in DIFFUSERS_UNET_KEYS if k not in unet_raw])
+    vae_config = vae_config_from_diffusers(vae_raw, str(vae_path))
+    vae_state = _renamed(diffusers_to_ldm_vae, _read_weights(root / "vae"), vae_config, vae_path)
+    check_config_fits(lambda: KLAutoencoder(**vae_config), vae_state, str(vae_path),
+                      [k for k in DIFFUSERS_VAE_KEYS if k not in vae_raw])
     text_encoder = root / "text_encoder"
     tokenizer = root / "tokenizer"
     scheduler = root / "scheduler" / "scheduler_config.json"
@@ -102,8 +123,14 @@ def read_diffusers_states(path: str | Path) -> DiffusersStates:
 
 
 def read_vae_scaling_factor(path: str | Path, default: float = 0.18215) -> float:
-    """The latent scaling factor recorded in a diffusers folder's ``vae/config.json``."""
-    return float(_read_json(Path(path) / "vae" / "config.json").get("scaling_factor", default))
+    """The latent scaling factor recorded in a diffusers folder's ``vae/config.json`` (``default``, diffusers' own,
+    when it records none).
+
+    Raises:
+        ConfigError: when it is not a finite number > 0, naming the file.
+    """
+    config_path = Path(path) / "vae" / "config.json"
+    return check_scaling_factor(_read_json(config_path).get("scaling_factor", default), str(config_path))
 
 
 def read_diffusers_folder(folder: str | Path, vae_encoder: bool = True) -> ModelComponents:
@@ -118,21 +145,20 @@ def read_diffusers_folder(folder: str | Path, vae_encoder: bool = True) -> Model
     unet_state, unet_config, vae_state, vae_config, text_path, tok_path, sched = read_diffusers_states(folder)
     if text_path is None or tok_path is None:
         raise FileNotFoundError(f"{folder} lacks text_encoder/ or tokenizer/; a text-to-image folder needs both")
+    vae_config = AutoencoderConfig.from_dict(vae_config)
+    unet_path = folder / "unet" / "config.json"
+    latent_size = check_sample_size(_read_json(unet_path).get("sample_size"), str(unet_path),
+                                    factor=vae_config.downsampling_factor) or 64
+    schedule, prediction_type, sampler_config = read_diffusers_scheduler(sched or {}, str(folder / "scheduler" / "scheduler_config.json"))
+    scaling_factor = read_vae_scaling_factor(folder)
     unet = UNetModel(**unet_config)
     load_checked(unet, unet_state, f"{folder / 'unet'}")
-    vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
+    vae = KLAutoencoder(vae_config, with_encoder=vae_encoder)
     load_checked(vae, vae_state, f"{folder / 'vae'}")
     # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
     text_encoder = load_text_encoder(folder, layer="last")
-    sched = sched or {}
-    latent_size = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size") or 64
-    try:
-        sampler_config = SamplerConfig.from_diffusers(sched)
-    except ValueError as error:
-        raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {error}") from error
-    return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_diffusers_scheduler_config(sched),
-                           sched.get("prediction_type", "epsilon"), read_vae_scaling_factor(folder),
-                           int(latent_size) * vae.downsampling_factor, sampler_config)
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, schedule, prediction_type, scaling_factor,
+                           latent_size * vae.downsampling_factor, sampler_config)
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:

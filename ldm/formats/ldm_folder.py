@@ -8,22 +8,57 @@ never executes code from the folder.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.diffusion import NoiseSchedule, SamplerConfig
-from ldm.formats.weights import load_checked
+from ldm.diffusion import SamplerConfig
+from ldm.formats.config_files import MAX_SAMPLE_SIZE, check_scaling_factor, read_json_config, read_ldm_scheduler
+from ldm.formats.weights import check_block_count, check_config_fits, load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
-from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.configs import AutoencoderConfig, Config, ConfigError, UNetConfig, positive
+from ldm.nn.text_encoder import LAYERS
 from ldm.nn.unet import UNetModel
 
 CONFIG_NAME = "config.json"
 VAE_WEIGHTS = "model.safetensors"  # the weights file of a model folder (the autoencoder's, the UNet's)
+
+# The keys of a model folder's config.json that every version of our writers has written, so a folder lacking one
+# is damaged, not old. The others have always taken the dataclasses' defaults when left out. An autoencoder folder
+# (AutoencoderKL.save_pretrained) always held every AutoencoderKL argument and the scaling factor; the VAE of a
+# pipeline folder fine-tuned from an SD single file held the shape inferred from the weights (no norm_groups,
+# dropout) and the scaling factor. A UNet folder held the run's unet arguments as given plus the channels the
+# VAE and text encoder set.
+VAE_REQUIRED = ("in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels",
+                "mid_attention", "scaling_factor")
+UNET_REQUIRED = ("in_channels", "out_channels", "context_dim")
+
+
+@dataclass(frozen=True)
+class PipelineIndex(Config):
+    """The settings of our ``model_index.json`` beyond its sub-folder names.
+
+    Args:
+        sample_size: Default image size in pixels (None in exports before it was recorded: the VAE's resolution).
+        text_encoder_layer: ``last`` or ``penultimate``; None: the text encoder's recorded layer.
+    """
+
+    sample_size: int | None = None
+    text_encoder_layer: str | None = None
+
+    _RULES = {"sample_size": positive}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sample_size is not None and self.sample_size > MAX_SAMPLE_SIZE:
+            raise ConfigError("sample_size", f"got {self.sample_size}; expected at most {MAX_SAMPLE_SIZE} pixels a side")
+        if self.text_encoder_layer is not None and self.text_encoder_layer not in LAYERS:
+            raise ConfigError("text_encoder_layer", f"got {self.text_encoder_layer!r}; expected one of {', '.join(LAYERS)}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -45,18 +80,55 @@ def write_model_folder(path: str | Path, config: dict[str, Any], weights: dict[s
 
 
 def read_model_folder(path: str | Path, expected_class: str) -> tuple[dict[str, Any], Path]:
-    """Read and check ``config.json``; returns the config and the folder."""
+    """Read and check ``config.json``; returns the config and the folder.
+
+    Raises:
+        FileNotFoundError: without ``config.json``.
+        ConfigError: for invalid JSON or another class than ``expected_class``, naming the file.
+    """
     folder = Path(path)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{folder} is not a model folder: {CONFIG_NAME} is missing. Pass a folder written by save_pretrained()."
         )
-    config = json.loads(config_path.read_text())
+    config = read_json_config(config_path)
     found = config.get("_class_name")
     if found != expected_class:
-        raise ValueError(f"{config_path} describes a {found!r}, not a {expected_class!r}.")
+        raise ConfigError("_class_name", f"describes a {found!r}, not a {expected_class!r}", str(config_path))
     return config, folder
+
+
+def read_vae_folder(path: str | Path, expected_class: str = "AutoencoderKL") -> tuple[AutoencoderConfig, float, dict[str, Any], Path]:
+    """An autoencoder folder's checked shape and scaling factor, with its whole ``config.json`` (training settings
+    too) and the folder.
+
+    Raises:
+        FileNotFoundError: without ``config.json``.
+        ConfigError: for a missing key of :data:`VAE_REQUIRED`, a bad value, or a scaling factor that is not a
+            finite number > 0, naming the file and the key.
+    """
+    config, folder = read_model_folder(path, expected_class)
+    source = str(folder / CONFIG_NAME)
+    vae = AutoencoderConfig.from_dict(config, source, required=VAE_REQUIRED)
+    return vae, check_scaling_factor(config["scaling_factor"], source), config, folder
+
+
+def read_unet_folder(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """A UNet folder's checked config and its weights, which the config is checked to describe.
+
+    Raises:
+        ConfigError: for a missing key of :data:`UNET_REQUIRED` or a bad value, naming the file and the key.
+        ValueError: when the weights do not fit the config (naming the keys the config left to defaults).
+    """
+    config, folder = read_model_folder(path, "UNetModel")
+    source = str(folder / CONFIG_NAME)
+    unet_config = UNetConfig.from_dict(config, source, required=UNET_REQUIRED)
+    state = load_weights(folder, VAE_WEIGHTS)
+    defaulted = [f for f in UNetConfig.__dataclass_fields__ if f not in config]
+    check_block_count(unet_config.to_dict(), state, source, "num_res_blocks, channel_mult, transformer_depth")
+    check_config_fits(lambda: UNetModel(unet_config), state, source, defaulted)
+    return unet_config, state
 
 
 def load_weights(folder: Path, file_name: str) -> dict[str, torch.Tensor]:
@@ -100,19 +172,21 @@ def read_ldm_folder(folder: str | Path, vae_encoder: bool = True) -> ModelCompon
     """Our exported folder (``model_index.json`` of a ``LatentDiffusionPipeline``) as loaded modules;
     ``vae_encoder=False`` builds the VAE without its encoder."""
     folder = Path(folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    unet_config, _ = read_model_folder(folder / "unet", "UNetModel")
-    unet_config.pop("_class_name")
-    unet = UNetModel(**unet_config)
-    load_checked(unet, load_weights(folder / "unet", VAE_WEIGHTS), str(folder / "unet"))
-    vae_config, _ = read_model_folder(folder / "vae", "AutoencoderKL")
-    vae = KLAutoencoder(AutoencoderConfig.from_dict(vae_config), with_encoder=vae_encoder)
-    load_checked(vae, load_weights(folder / "vae", VAE_WEIGHTS), str(folder / "vae"))
-    text_encoder = load_text_encoder(folder, layer=index.get("text_encoder_layer"))
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    prediction_type = sched.pop("prediction_type", "epsilon")
-    sched.pop("_class_name", None)
-    sampler_config, sched = SamplerConfig.split(sched)
-    return ModelComponents(unet.eval(), vae.eval(), text_encoder, NoiseSchedule.from_config(sched), prediction_type,
-                           vae_config.get("scaling_factor", 1.0), index.get("sample_size") or vae_config.get("resolution"),
-                           sampler_config)  # no sample_size (old exports): the VAE's training size
+    index_path = folder / "model_index.json"
+    index = PipelineIndex.from_dict(read_json_config(index_path), str(index_path))
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    schedule, prediction_type, sampler_config = read_ldm_scheduler(read_json_config(scheduler_path), str(scheduler_path))
+    vae_config, scaling_factor, vae_raw, _ = read_vae_folder(folder / "vae")
+    vae_state = load_weights(folder / "vae", VAE_WEIGHTS)
+    check_block_count(vae_config.to_dict(), vae_state, str(folder / "vae" / CONFIG_NAME), "num_res_blocks, ch_mult")
+    check_config_fits(lambda: KLAutoencoder(vae_config), vae_state, str(folder / "vae" / CONFIG_NAME),
+                      [f for f in AutoencoderConfig.__dataclass_fields__ if f not in vae_raw])
+    unet_config, unet_state = read_unet_folder(folder / "unet")
+    unet = UNetModel(unet_config)
+    load_checked(unet, unet_state, str(folder / "unet"))
+    vae = KLAutoencoder(vae_config, with_encoder=vae_encoder)
+    load_checked(vae, vae_state, str(folder / "vae"))
+    text_encoder = load_text_encoder(folder, layer=index.text_encoder_layer)
+    return ModelComponents(unet.eval(), vae.eval(), text_encoder, schedule, prediction_type, scaling_factor,
+                           index.sample_size or vae_config.resolution,  # no sample_size (old exports): the VAE's size
+                           sampler_config)

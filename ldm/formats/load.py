@@ -13,17 +13,18 @@ Each has its reader in its format's module; all return :class:`~ldm.formats.comp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ldm.diffusion import normalize_prediction_type
 from ldm.formats.components import ModelComponents
+from ldm.formats.config_files import read_json_config
 from ldm.formats.diffusers_folder import read_diffusers_folder
 from ldm.formats.ldm_folder import read_ldm_folder
 from ldm.formats.lightning_ckpt import read_lightning_checkpoint
 from ldm.formats.sd_single_file import read_sd_single_file
+from ldm.nn.configs import ConfigError
 
 __all__ = ["load_components"]
 
@@ -48,16 +49,24 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
     Raises:
         FileNotFoundError: when ``path`` is none of the layouts.
         ValueError: for an unknown checkpoint layout or weights that do not fit, naming the keys; for head
-            counts given for a layout that stores its own.
+            counts given for a layout that stores its own; (``ConfigError``) for invalid JSON or a config value of
+            the wrong type, out of range or missing, naming the file and the key.
     """
     path = Path(path)
+    source = str(path)  # where the sample size was recorded
     if path.is_file() and path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
         parts = _from_file(path, use_ema, tokenizer, prediction_type, num_heads, num_head_channels, vae_encoder)
     elif (path / "model_index.json").is_file():
         _no_head_override(path, num_heads, num_head_channels)
-        index = json.loads((path / "model_index.json").read_text())
-        read = read_ldm_folder if index.get("_class_name") == "LatentDiffusionPipeline" else read_diffusers_folder
-        parts = read(path, vae_encoder)
+        index_path = path / "model_index.json"
+        kind = read_json_config(index_path).get("_class_name")
+        if kind == "LatentDiffusionPipeline":
+            parts, source = read_ldm_folder(path, vae_encoder), str(index_path)
+        elif isinstance(kind, str) and kind.startswith("StableDiffusion"):
+            parts, source = read_diffusers_folder(path, vae_encoder), str(path / "unet" / "config.json")
+        else:
+            raise ConfigError("_class_name", f"got {kind!r}; expected 'LatentDiffusionPipeline' (ldm's export) or a "
+                              "diffusers Stable Diffusion pipeline ('StableDiffusionPipeline', ...)", str(index_path))
     else:
         raise FileNotFoundError(
             f"{path} is not a model: expected a folder with model_index.json (ldm's export or a diffusers Stable Diffusion "
@@ -65,6 +74,10 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
         )
     if prediction_type is not None:
         parts.prediction_type = normalize_prediction_type(prediction_type)
+    factor = parts.vae.downsampling_factor * parts.unet.downsampling_factor
+    if parts.sample_size is not None and parts.sample_size % factor:
+        raise ConfigError("sample_size", f"{parts.sample_size} pixels is not a multiple of {factor} (the VAE's and "
+                          "UNet's downsampling together), so the model cannot generate its own default size", source)
     return parts
 
 

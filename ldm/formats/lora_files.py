@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm.formats.clip_keys import diffusers_to_transformers_clip_name, transformers_to_diffusers_clip_name
+from ldm.formats.config_files import parse_json_config
 from ldm.formats.unet_keys import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names, unet_config_of
+from ldm.nn.configs import Config, ConfigError, positive
 from ldm.nn.lora import LoraSnapshot, add_lora, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
@@ -147,8 +150,32 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+    meta = parse_json_config(header[METADATA_KEY], f"{path} (safetensors header {METADATA_KEY})") if METADATA_KEY in header else {}
     return tensors, meta
+
+
+@dataclass(frozen=True)
+class LoraPartMetadata(Config):
+    """The adapter settings of one part (``unet``, ``text_encoder``) in a LoRA file's ``lora_adapter_metadata`` (peft's
+    ``LoraConfig`` names; others are ignored).
+
+    Args:
+        r: Rank; None: from the weights.
+        lora_alpha: Alpha; None: the rank.
+    """
+
+    r: int | None = None
+    lora_alpha: float | None = None
+
+    _RULES = {"r": positive, "lora_alpha": positive}
+
+
+def _part_metadata(meta: dict[str, object], prefix: str, path: Path) -> LoraPartMetadata:
+    values = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+    try:
+        return LoraPartMetadata.from_dict(values)
+    except ConfigError as error:
+        raise error.located(f"{path} (safetensors header {METADATA_KEY})", prefix=prefix) from None
 
 
 def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, object], prefix: str, path: Path) -> None:
@@ -162,12 +189,13 @@ def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[s
         if layer not in ours:
             raise ValueError(f"{path}: {prefix} layer {layer!r} does not exist in this {type(module).__name__}")
         state[f"{ours[layer]}.lora_{param}"] = tensors[key]
+    settings = _part_metadata(meta, prefix, path)
     if not lora_layers(module):
         ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-        rank = int(meta.get(f"{prefix}.r", 0)) or (ranks.pop() if len(ranks) == 1 else 0)
+        rank = settings.r or (ranks.pop() if len(ranks) == 1 else 0)
         if not rank:
             raise ValueError(f"{path}: {prefix} adapters have mixed ranks {sorted(ranks)} and no metadata; not supported")
-        alpha = float(meta.get(f"{prefix}.lora_alpha", rank))
+        alpha = rank if settings.lora_alpha is None else settings.lora_alpha
         targets = sorted({k.partition(".lora_")[0] for k in state})
         add_lora(module, rank=rank, alpha=alpha, target_modules=targets)
     try:

@@ -21,14 +21,15 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.diffusion.parameterization import normalize_prediction_type
 from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.formats.config_files import (ScheduleConfig, check_prediction_type, check_sample_size, check_scaling_factor,
+                                      parse_json_config, sampler_config_from)
 from ldm.formats.weights import load_checked
 from ldm.formats.components import ModelComponents
 from ldm.formats.clip_keys import (
@@ -39,10 +40,11 @@ from ldm.formats.clip_keys import (
     transformers_to_sd_v1_clip,
 )
 from ldm.formats.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
-from ldm.formats.text_encoder_files import load_clip_tokenizer
+from ldm.formats.text_encoder_files import check_clip_text_config, load_clip_tokenizer
 from ldm.formats.vae_keys import vae_config_from_state_dict
 from ldm.nn.autoencoder import KLAutoencoder
-from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.configs import AutoencoderConfig, Config, ConfigError, UNetConfig
+from ldm.nn.text_encoder import LAYERS, TextEncoder
 from ldm.nn.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ SD_SCALING_FACTOR = 0.18215
 DEFAULT_TOKENIZERS = {"v1": "openai/clip-vit-large-patch14", "v2": "stabilityai/stable-diffusion-2-1"}
 # The original samplers: DDIM visits t = 1 + k * T // n and steps from the last one to alphas_cumprod[0].
 SD_SAMPLER = SamplerConfig(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+_C = TypeVar("_C", bound=Config)
 
 
 def read_header_metadata(path: Path) -> dict[str, str]:
@@ -115,6 +118,37 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
     load_checked(module, state, f"{path} ({what})")
 
 
+def _read_metadata(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``ldm.model`` and ``ldm.tokenizer`` entries of the header (empty dicts when absent), parsed.
+
+    Raises:
+        ConfigError: for invalid JSON or JSON that is not an object (of file name -> text for the tokenizer).
+    """
+    header = read_header_metadata(path)
+    stored, tokenizer = ({} if key not in header else parse_json_config(header[key], _meta_source(path, key))
+                         for key in (META_KEY, TOKENIZER_KEY))
+    bad = [name for name, text in tokenizer.items() if not isinstance(text, str)]
+    if bad:
+        raise ConfigError(bad[0], "expected the tokenizer file's text (a string)", _meta_source(path, TOKENIZER_KEY))
+    return stored, tokenizer
+
+
+def _meta_source(path: Path, key: str = META_KEY) -> str:
+    return f"{path} (safetensors header {key})"
+
+
+def _stored_config(cls: type[_C], stored: dict[str, Any], key: str, inferred: dict[str, Any], path: Path) -> _C:
+    """``stored[key]`` as ``cls``, with the values inferred from the weights for what it leaves out (exports before
+    the configs were complete); errors name the header entry and the key."""
+    values = stored[key]
+    if isinstance(values, dict):
+        values = {**inferred, **values}
+    try:
+        return cls.from_dict(values)
+    except ConfigError as error:
+        raise error.located(_meta_source(path), prefix=key) from None
+
+
 def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str) -> CLIPTokenizer:
     if explicit is not None:
         return load_clip_tokenizer(explicit)
@@ -155,11 +189,19 @@ def _text_encoder(part: dict[str, torch.Tensor], layout: str, stored: dict[str, 
     else:
         (state, config), default_layer = openclip_to_transformers(part), "penultimate"
     if "text_encoder" in stored:
+        check_clip_text_config(stored["text_encoder"], _meta_source(path), "text_encoder")
         config = CLIPTextConfig(**stored["text_encoder"])
     model = CLIPTextModel(config)
     _load_strict(model, state, "text encoder", path)
-    layer = layer or stored.get("text_encoder_layer") or default_layer
-    max_length = stored.get("text_encoder_max_length") or min(int(tokenizer.model_max_length), config.max_position_embeddings)
+    stored_layer, stored_length = stored.get("text_encoder_layer"), stored.get("text_encoder_max_length")
+    if stored_layer is not None and stored_layer not in LAYERS:
+        raise ConfigError("text_encoder_layer", f"got {stored_layer!r}; expected one of {', '.join(LAYERS)}", _meta_source(path))
+    if stored_length is not None and (not isinstance(stored_length, int) or isinstance(stored_length, bool)
+                                      or not 0 < stored_length <= config.max_position_embeddings):
+        raise ConfigError("text_encoder_max_length", f"got {stored_length!r}; expected an integer from 1 to "
+                          f"max_position_embeddings={config.max_position_embeddings}", _meta_source(path))
+    layer = layer or stored_layer or default_layer
+    max_length = stored_length or min(int(tokenizer.model_max_length), config.max_position_embeddings)
     return TextEncoder(model, tokenizer, layer=layer, max_length=max_length).eval()
 
 
@@ -196,14 +238,18 @@ def read_sd_single_file(
     """
     path = Path(path)
     parts = load_sd_checkpoint(path, use_ema=use_ema)
-    header = read_header_metadata(path)
-    stored = json.loads(header.get(META_KEY, "{}"))
-    stored_tokenizer = json.loads(header.get(TOKENIZER_KEY, "{}"))
+    stored, stored_tokenizer = _read_metadata(path)
+    meta = _meta_source(path)
     sidecar = _sidecar_yaml(path)
+    yaml_source = str(path.with_suffix(".yaml"))
     if not parts["unet"]:
         raise ValueError(f"{path} has no UNet weights (model.diffusion_model.*); keys look like {sorted(parts['other'])[:5]}")
     variant = detect_sd_variant(parts["unet"])
-    unet_config = dict(stored.get("unet") or variant["unet_config"])
+    if "unet" in stored:  # the shapes fill in what an old export left out (heads: UNetConfig's defaults, as then)
+        shape = {k: v for k, v in variant["unet_config"].items() if k not in ("num_heads", "num_head_channels")}
+        unet_config = _stored_config(UNetConfig, stored, "unet", shape, path).to_dict()
+    else:
+        unet_config = dict(variant["unet_config"])
     heads = _head_settings(num_heads, num_head_channels, "the arguments")
     if heads is None and "unet" not in stored:
         heads = _yaml_heads(sidecar, path)
@@ -217,31 +263,48 @@ def read_sd_single_file(
     if not parts["vae"]:
         raise ValueError(f"{path} has no VAE (first_stage_model.*); load the VAE separately or use a full checkpoint")
     try:
-        vae_config = stored.get("vae") or vae_config_from_state_dict(parts["vae"])
+        inferred_vae = vae_config_from_state_dict(parts["vae"])
     except KeyError as error:
-        raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
-    vae = KLAutoencoder(**vae_config, with_encoder=vae_encoder)
+        if "vae" not in stored:
+            raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
+        inferred_vae = {}
+    vae_config = _stored_config(AutoencoderConfig, stored, "vae", inferred_vae, path) if "vae" in stored \
+        else AutoencoderConfig.from_dict(inferred_vae)
+    vae = KLAutoencoder(vae_config, with_encoder=vae_encoder)
     _load_strict(vae, parts["vae"], "VAE", path)
     layout = _text_layout(parts["text_encoder"], path)
     tok = _tokenizer(tokenizer, stored_tokenizer, layout)
     text_encoder = _text_encoder(parts["text_encoder"], layout, stored, text_encoder_layer, tok, path)
 
-    prediction = prediction_type or stored.get("prediction_type") or sidecar.get("parameterization") or "epsilon"
-    try:
-        prediction = normalize_prediction_type(prediction)
-    except ValueError:
-        raise ValueError(f"prediction_type={prediction!r}; use 'epsilon' or 'v_prediction'") from None
-    schedule = stored.get("schedule")
-    if schedule is None and "linear_start" in sidecar:
-        schedule = {"kind": "scaled_linear", "num_timesteps": int(sidecar.get("timesteps", 1000)),
-                    "beta_start": float(sidecar["linear_start"]), "beta_end": float(sidecar["linear_end"]), "zero_terminal_snr": False}
-    scaling = float(stored.get("scaling_factor") or sidecar.get("scale_factor") or SD_SCALING_FACTOR)
-    sample_size = int(stored.get("sample_size") or (768 if variant["version"] == "v2" and prediction == "v_prediction" else 512))
+    if prediction_type is not None:
+        prediction = check_prediction_type(prediction_type, "the arguments")
+    elif stored.get("prediction_type") is not None:
+        prediction = check_prediction_type(stored["prediction_type"], meta)
+    else:
+        prediction = check_prediction_type(sidecar.get("parameterization") or "epsilon", yaml_source, "parameterization")
+    noise = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
+    if stored.get("schedule") is not None:
+        noise = _stored_config(ScheduleConfig, stored, "schedule", {}, path).build()
+    elif "linear_start" in sidecar:
+        values = {"num_timesteps": sidecar.get("timesteps", 1000), "beta_start": sidecar["linear_start"],
+                  "beta_end": sidecar.get("linear_end")}
+        try:
+            noise = ScheduleConfig.from_dict(values).build()
+        except ConfigError as error:
+            raise error.located(yaml_source, rename={"num_timesteps": "timesteps", "beta_start": "linear_start",
+                                                      "beta_end": "linear_end"}) from None
+    if stored.get("scaling_factor") is not None:
+        scaling = check_scaling_factor(stored["scaling_factor"], meta)
+    elif sidecar.get("scale_factor") is not None:
+        scaling = check_scaling_factor(sidecar["scale_factor"], yaml_source, "scale_factor")
+    else:
+        scaling = SD_SCALING_FACTOR
+    sample_size = check_sample_size(stored.get("sample_size"), meta) or (
+        768 if variant["version"] == "v2" and prediction == "v_prediction" else 512)
     if variant["version"] == "v2" and prediction == "epsilon" and not stored and not sidecar and prediction_type is None:
         log.warning("%s is an SD 2.x checkpoint; its prediction type cannot be read from the weights. Using epsilon "
                     "(SD 2.x 512-base); pass prediction_type='v_prediction' for the 768-v models", path)
-    sampler = SamplerConfig.from_dict(stored, **SD_SAMPLER.to_dict())  # our exports store theirs; else the original's
-    noise = NoiseSchedule.from_config(schedule) if schedule else NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
+    sampler = sampler_config_from(stored, meta, noise.num_timesteps, **SD_SAMPLER.to_dict())  # our exports store theirs; else the original's
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, noise, prediction, scaling, sample_size, sampler,
                            variant=variant["version"])
 

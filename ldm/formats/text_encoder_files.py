@@ -13,15 +13,127 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.nn.configs import TextEncoderConfig
-from ldm.nn.text_encoder import LAYER_CONFIG_KEY, MAX_LENGTH_CONFIG_KEY, MODEL_SUBFOLDER, TOKENIZER_SUBFOLDER, TextEncoder, check_layer
+from ldm.formats.config_files import read_json_config
+from ldm.formats.weights import check_config_fits
+from ldm.nn.configs import Config, ConfigError, TextEncoderConfig, non_negative, positive, probability
+from ldm.nn.text_encoder import (LAYER_CONFIG_KEY, LAYERS, MAX_LENGTH_CONFIG_KEY, MODEL_SUBFOLDER, TOKENIZER_SUBFOLDER,
+                                 TextEncoder, check_layer)
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _at_least_two(value: int) -> str | None:
+    return None if value >= 2 else f"got {value}; expected at least 2 (a start and an end token)"
+
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
+
+
+@dataclass(frozen=True)
+class CLIPTextShape(Config):
+    """The fields of a CLIP text model's config (``text_encoder/config.json``, transformers' ``CLIPTextConfig``) that
+    shape the model, with transformers' defaults, and the two ldm records (layer, sequence length), so they are
+    checked before transformers builds anything from them.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
+    pad_token_id: int | None = 1
+    attention_dropout: float = 0.0
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    dtype: str | None = None
+    torch_dtype: str | None = None
+    ldm_text_layer: str | None = None
+    ldm_max_length: int | None = None
+
+    _RULES = {"attention_dropout": probability, "dropout": probability, "vocab_size": positive, "hidden_size": positive, "intermediate_size": positive,
+              "num_hidden_layers": positive, "num_attention_heads": positive, "max_position_embeddings": positive,
+              "layer_norm_eps": positive, "projection_dim": positive, "bos_token_id": non_negative,
+              "eos_token_id": non_negative, "pad_token_id": non_negative, "ldm_max_length": _at_least_two}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("num_attention_heads", f"hidden_size={self.hidden_size} is not divisible by "
+                                                     f"num_attention_heads={self.num_attention_heads}")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ConfigError("hidden_act", f"got {self.hidden_act!r}; expected one of transformers' activations "
+                                            f"({', '.join(sorted(ACT2FN)[:8])}, ...)")
+        for key in ("dtype", "torch_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in _DTYPES:
+                raise ConfigError(key, f"got {value!r}; expected one of {', '.join(_DTYPES)} or null")
+        if self.ldm_text_layer is not None and self.ldm_text_layer not in LAYERS:
+            raise ConfigError(LAYER_CONFIG_KEY, f"got {self.ldm_text_layer!r}; expected one of {', '.join(LAYERS)}")
+        if self.ldm_max_length is not None and self.ldm_max_length > self.max_position_embeddings:
+            raise ConfigError(MAX_LENGTH_CONFIG_KEY, f"got {self.ldm_max_length}; expected at most "
+                                                     f"max_position_embeddings={self.max_position_embeddings}")
+
+
+def check_clip_text_config(values: Any, source: str, key: str | None = None) -> CLIPTextShape:
+    """``values`` (a CLIP text config dict) checked as :class:`CLIPTextShape`; errors name ``source`` and the key
+    (under ``key``, where the config is one entry of a larger one).
+
+    Raises:
+        ConfigError: for a value of the wrong type or out of range.
+    """
+    try:
+        return CLIPTextShape.from_dict(values)
+    except ConfigError as error:
+        raise error.located(source, prefix=key) from None
+
+
+def _check_clip_weights(values: dict[str, Any], folder: Path, source: str) -> None:
+    """Build the CLIP text model ``values`` describe on the meta device and compare it with the shapes in
+    ``folder/model.safetensors`` (read from its header), before transformers allocates anything."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        config = CLIPTextConfig(**values)
+        with torch.device("meta"):
+            CLIPTextModel(config)
+    except Exception as error:  # noqa: BLE001  (transformers' checks of its config raise several types)
+        raise ConfigError(getattr(error, "field", None) or _culprit(values),
+                          f"transformers refuses this CLIP config ({type(error).__name__}: {error})", source) from error
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    defaulted = [k for k in CLIPTextShape.__dataclass_fields__ if k not in values]
+    check_config_fits(lambda: CLIPTextModel(config), shapes, source, defaulted)
+
+
+def _culprit(values: dict[str, Any]) -> str | None:
+    """The key of a CLIP config without which transformers builds the model (on the meta device), if one is."""
+    for key in values:
+        try:
+            config = CLIPTextConfig(**{k: v for k, v in values.items() if k != key})
+            with torch.device("meta"):
+                CLIPTextModel(config)
+        except Exception:  # noqa: BLE001  (still refused without this key: not the culprit)
+            continue
+        return key
+    return None
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -87,6 +199,10 @@ def load_text_encoder(
         if subfolder_tokenizer is None and (root / TOKENIZER_SUBFOLDER).is_dir():
             subfolder_tokenizer = TOKENIZER_SUBFOLDER
         _check_local_files(root, subfolder_model, subfolder_tokenizer)
+        config_path = (root / subfolder_model if subfolder_model else root) / "config.json"
+        values = read_json_config(config_path)
+        check_clip_text_config(values, str(config_path))
+        _check_clip_weights(values, config_path.parent, str(config_path))
         model_candidates: list[str | None] = [subfolder_model]
         tokenizer_candidates: list[str | None] = [subfolder_tokenizer]
     else:
@@ -96,7 +212,14 @@ def load_text_encoder(
             [subfolder_tokenizer] if subfolder_tokenizer is not None else [None, TOKENIZER_SUBFOLDER]
         )
     options = {"local_files_only": True} if local else {}
-    model = _load_first(CLIPTextModel, name, model_candidates, "text model", options)
+    try:
+        model = _load_first(CLIPTextModel, name, model_candidates, "text model", options)
+    except Exception as error:  # noqa: BLE001  (transformers' checks of its config raise several types)
+        if not local or isinstance(error, OSError):
+            raise
+        key = getattr(error, "field", None) or _culprit(read_json_config(config_path))
+        raise ConfigError(key, f"transformers refuses this CLIP config ({type(error).__name__}: {error})",
+                          str(config_path)) from error
     tokenizer = _load_first(CLIPTokenizer, name, tokenizer_candidates, "tokenizer", options)
 
     if layer is None:

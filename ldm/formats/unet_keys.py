@@ -6,7 +6,7 @@ table of module prefixes built from the configuration, applied in either directi
 reshaped: diffusers keeps SD v1's 1x1-conv ``proj_in``/``proj_out`` and SD v2's linear ones as they are.
 
 Example:
-    >>> config = unet_config_from_diffusers(json.loads(Path("unet/config.json").read_text()))
+    >>> config = unet_config_from_diffusers(read_json_config("unet/config.json"), source="unet/config.json")
     >>> unet = UNetModel(**config)
     >>> unet.load_state_dict(diffusers_to_ldm_unet(diffusers_state, config))
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ldm.formats._prefix_map import invert, rename_by_prefix, rename_path
-from ldm.nn.configs import UNetConfig
+from ldm.nn.configs import ConfigError, UNetConfig, check_value, positive
 
 _DEFAULTS = UNetConfig().to_dict()
 
@@ -141,26 +141,79 @@ _UNSUPPORTED_IF_SET = (
 def _per_level(value: Any, levels: int, name: str) -> list[int]:
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
-            raise ValueError(f"diffusers UNet config: {name} has {len(value)} entries for {levels} levels")
+            raise ConfigError(name, f"has {len(value)} entries for {levels} levels (block_out_channels)")
         return [int(v) for v in value]
     return [int(value)] * levels
 
 
-def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
+# diffusers UNet2DConditionModel keys read here: annotation and diffusers' default (None: no default used here).
+_DIFFUSERS_TYPES: dict[str, tuple[Any, Any]] = {
+    "in_channels": (int, 4),
+    "out_channels": (int, 4),
+    "block_out_channels": (tuple[int, ...], (320, 640, 1280, 1280)),
+    "down_block_types": (tuple[str, ...], None),
+    "up_block_types": (tuple[str, ...], None),
+    "layers_per_block": (int, 2),
+    "cross_attention_dim": (int | None, 1280),
+    "attention_head_dim": (int | tuple[int, ...], 8),
+    "num_attention_heads": (int | tuple[int, ...] | None, None),
+    "transformer_layers_per_block": (int | tuple[int, ...], 1),
+    "use_linear_projection": (bool, False),
+    "norm_num_groups": (int, 32),
+}
+DIFFUSERS_UNET_KEYS = tuple(_DIFFUSERS_TYPES)  # the shape keys read from a diffusers config.json
+# Our UNetConfig field -> the diffusers key it comes from (for errors found on our side).
+_DIFFUSERS_NAMES = {"model_channels": "block_out_channels", "channel_mult": "block_out_channels",
+                    "num_res_blocks": "layers_per_block", "context_dim": "cross_attention_dim",
+                    "transformer_depth": "transformer_layers_per_block", "norm_groups": "norm_num_groups",
+                    "num_heads": "attention_head_dim", "num_head_channels": "attention_head_dim",
+                    "use_linear_in_transformer": "use_linear_projection", "attention_resolutions": "down_block_types"}
+
+
+def _diffusers_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of :data:`_DIFFUSERS_TYPES` in ``cfg`` (diffusers' defaults for the ones left out), type-checked;
+    counts > 0."""
+    out: dict[str, Any] = {}
+    for key, (hint, default) in _DIFFUSERS_TYPES.items():
+        value = check_value(key, cfg[key] if key in cfg else default, hint)
+        if key not in ("down_block_types", "up_block_types") and value is not None and not isinstance(value, bool):
+            problem = positive(value)
+            if problem or (isinstance(value, tuple) and not value):
+                raise ConfigError(key, problem or "got an empty list; expected one value > 0 per level")
+        out[key] = value
+    return out
+
+
+def unet_config_from_diffusers(diffusers_config: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
     """Our ``UNetModel`` keyword arguments from a diffusers ``unet/config.json`` (SD v1/v2 layouts).
 
     diffusers' ``attention_head_dim`` is (for historical reasons) the number of heads: an int means
     the same head count at every level (SD v1: 8 -> ``num_heads=8``); a list gives heads per level,
-    which SD v2 chooses so that every head is 64 wide (-> ``num_head_channels=64``).
+    which SD v2 chooses so that every head is 64 wide (-> ``num_head_channels=64``). Keys the config leaves
+    out take ``UNet2DConditionModel``'s defaults, as diffusers itself would.
+
+    Args:
+        diffusers_config: The diffusers config.
+        source: Where it comes from (the file), named by every error.
 
     Raises:
-        ValueError: for configurations our UNet cannot express (class/addition embeddings, attention
-            in some levels of the way up but not the mirrored ones down, unequal head widths, ...).
+        ConfigError: (a ValueError) naming ``source`` and diffusers' key, for values of the wrong type or out of
+            range and for configurations our UNet cannot express (class/addition embeddings, attention in some
+            levels of the way up but not the mirrored ones down, unequal head widths, ...).
     """
+    try:
+        return _unet_config_from_diffusers(diffusers_config)
+    except ConfigError as error:
+        raise error.located(source, rename=_DIFFUSERS_NAMES) from None
+
+
+def _unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(diffusers_config, Mapping):
+        raise ConfigError(None, f"a diffusers UNet config is an object, got {type(diffusers_config).__name__}")
     cfg = dict(diffusers_config)
     for key in _UNSUPPORTED_IF_SET:
         if cfg.get(key) is not None:
-            raise ValueError(f"diffusers UNet config sets {key}={cfg[key]!r}, which ldm's UNetModel does not support")
+            raise ConfigError(key, f"set to {cfg[key]!r}, which ldm's UNetModel does not support")
     checks = {
         "act_fn": "silu",
         "flip_sin_to_cos": True,
@@ -177,48 +230,53 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str,
     }
     for key, expected in checks.items():
         if key in cfg and cfg[key] is not None and cfg[key] != expected:
-            raise ValueError(f"diffusers UNet config sets {key}={cfg[key]!r}; ldm's UNetModel needs {expected!r}")
-    if cfg.get("cross_attention_dim") is None:
-        raise ValueError("diffusers UNet config has no cross_attention_dim; only text-conditional UNets are supported")
+            raise ConfigError(key, f"set to {cfg[key]!r}; ldm's UNetModel needs {expected!r}")
+    if isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
+        raise ConfigError("cross_attention_dim", "a per-level cross_attention_dim is not supported")
+    v = _diffusers_values(cfg)
+    if v["cross_attention_dim"] is None:
+        raise ConfigError("cross_attention_dim", "null: only text-conditional UNets are supported")
 
-    channels = [int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280))]
+    channels = list(v["block_out_channels"])
     levels = len(channels)
     base = channels[0]
     if any(c % base for c in channels):
-        raise ValueError(f"block_out_channels {channels} are not multiples of the first level's {base}")
-    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]))
-    up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)))
+        raise ConfigError("block_out_channels", f"{channels} are not multiples of the first level's {base}")
+    down = list(v["down_block_types"] or ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"])
+    up = list(v["up_block_types"] or ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1))
+    for key, types in (("down_block_types", down), ("up_block_types", up)):
+        if len(types) != levels:
+            raise ConfigError(key, f"has {len(types)} entries for the {levels} levels of block_out_channels")
     has_attn = [t.startswith("CrossAttn") for t in down]
     if [t.startswith("CrossAttn") for t in reversed(up)] != has_attn:
-        raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
+        raise ConfigError("up_block_types", f"{up} do not mirror down_block_types {down}")
 
-    heads_value = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-    depth = set(_per_level(cfg.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block"))
+    heads_value = v["num_attention_heads"] or v["attention_head_dim"]
+    depth = set(_per_level(v["transformer_layers_per_block"], levels, "transformer_layers_per_block"))
     if len(depth) != 1:
-        raise ValueError(f"transformer_layers_per_block {cfg.get('transformer_layers_per_block')} must be equal per level")
-    if isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
-        raise ValueError("a per-level cross_attention_dim is not supported")
+        raise ConfigError("transformer_layers_per_block", f"{list(v['transformer_layers_per_block'])} must be equal per level")
 
     out: dict[str, Any] = dict(
-        in_channels=int(cfg.get("in_channels", 4)),
-        out_channels=int(cfg.get("out_channels", 4)),
+        in_channels=v["in_channels"],
+        out_channels=v["out_channels"],
         model_channels=base,
         channel_mult=tuple(c // base for c in channels),
-        num_res_blocks=int(cfg.get("layers_per_block", 2)),
+        num_res_blocks=v["layers_per_block"],
         attention_resolutions=tuple(2**i for i, a in enumerate(has_attn) if a),
-        context_dim=int(cfg["cross_attention_dim"]),
+        context_dim=v["cross_attention_dim"],
         transformer_depth=depth.pop(),
-        use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
-        norm_groups=int(cfg.get("norm_num_groups", 32)),
+        use_linear_in_transformer=v["use_linear_projection"],
+        norm_groups=v["norm_num_groups"],
     )
     if isinstance(heads_value, (list, tuple)):
         heads = _per_level(heads_value, levels, "attention_head_dim")
         widths = {channels[i] // heads[i] for i in range(levels) if has_attn[i]} | {channels[-1] // heads[-1]}
         if len(widths) != 1 or any(channels[i] % heads[i] for i in range(levels)):
-            raise ValueError(f"attention_head_dim {list(heads_value)} gives unequal head widths for {channels}")
+            raise ConfigError("attention_head_dim", f"{list(heads_value)} gives unequal head widths for {channels}")
         out.update(num_heads=-1, num_head_channels=widths.pop())
     else:
         out.update(num_heads=int(heads_value), num_head_channels=-1)
+    UNetConfig.from_dict(out)  # the remaining range and cross-field checks (errors renamed to diffusers' keys)
     return out
 
 

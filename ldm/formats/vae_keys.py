@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ldm.formats._prefix_map import invert, rename_by_prefix
-from ldm.nn.configs import AutoencoderConfig
+from ldm.nn.configs import AutoencoderConfig, ConfigError, check_value, positive
 
 _DEFAULTS = AutoencoderConfig().to_dict()
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -101,42 +101,89 @@ def ldm_to_diffusers_vae(state_dict: Mapping[str, torch.Tensor], config: Mapping
     return rename_by_prefix(state_dict, invert(_vae_prefixes(config)), "ldm VAE", to_linear)
 
 
-def vae_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Our ``KLAutoencoder`` keyword arguments from a diffusers ``vae/config.json``.
+# diffusers AutoencoderKL keys read here: annotation and diffusers' default (None: no default used here).
+_DIFFUSERS_TYPES: dict[str, tuple[Any, Any]] = {
+    "in_channels": (int, 3),
+    "out_channels": (int, 3),
+    "block_out_channels": (tuple[int, ...], (64,)),
+    "down_block_types": (tuple[str, ...], None),
+    "up_block_types": (tuple[str, ...], None),
+    "layers_per_block": (int, 1),
+    "latent_channels": (int, 4),
+    "norm_num_groups": (int, 32),
+    "sample_size": (int | tuple[int, ...] | None, None),
+    "mid_block_add_attention": (bool, True),
+}
+DIFFUSERS_VAE_KEYS = tuple(_DIFFUSERS_TYPES)  # the shape keys read from a diffusers config.json
+# Our AutoencoderConfig field -> the diffusers key it comes from (for errors found on our side).
+_DIFFUSERS_NAMES = {"ch": "block_out_channels", "ch_mult": "block_out_channels", "num_res_blocks": "layers_per_block",
+                    "resolution": "sample_size", "z_channels": "latent_channels", "embed_dim": "latent_channels",
+                    "mid_attention": "mid_block_add_attention", "norm_groups": "norm_num_groups"}
+
+
+def vae_config_from_diffusers(diffusers_config: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Our ``KLAutoencoder`` keyword arguments from a diffusers ``vae/config.json``; keys it leaves out take
+    diffusers' ``AutoencoderKL`` defaults.
 
     The diffusers-only ``scaling_factor`` (0.18215 for SD) is not a ``KLAutoencoder`` argument;
     read it from the config yourself.
 
+    Args:
+        diffusers_config: The diffusers config.
+        source: Where it comes from (the file), named by every error.
+
     Raises:
-        ValueError: for layouts our autoencoder cannot express (attention inside levels, no quant convs, ...).
+        ConfigError: (a ValueError) naming ``source`` and diffusers' key, for values of the wrong type or out of
+            range and for layouts our autoencoder cannot express (attention inside levels, no quant convs, ...).
     """
+    try:
+        return _vae_config_from_diffusers(diffusers_config)
+    except ConfigError as error:
+        raise error.located(source, rename=_DIFFUSERS_NAMES) from None
+
+
+def _vae_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(diffusers_config, Mapping):
+        raise ConfigError(None, f"a diffusers VAE config is an object, got {type(diffusers_config).__name__}")
     cfg = dict(diffusers_config)
-    channels = [int(c) for c in cfg.get("block_out_channels", (64,))]
+    v = {key: check_value(key, cfg[key] if key in cfg else default, hint) for key, (hint, default) in _DIFFUSERS_TYPES.items()}
+    for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                "norm_num_groups", "sample_size"):
+        problem = positive(v[key]) if v[key] is not None else None
+        if problem or v[key] == ():
+            raise ConfigError(key, problem or "got an empty list; expected one value > 0 per level")
+    channels = list(v["block_out_channels"])
     base = channels[0]
     if any(c % base for c in channels):
-        raise ValueError(f"block_out_channels {channels} are not multiples of the first level's {base}")
+        raise ConfigError("block_out_channels", f"{channels} are not multiples of the first level's {base}")
     levels = len(channels)
-    down = list(cfg.get("down_block_types", ["DownEncoderBlock2D"] * levels))
-    up = list(cfg.get("up_block_types", ["UpDecoderBlock2D"] * levels))
-    if any(t != "DownEncoderBlock2D" for t in down) or any(t != "UpDecoderBlock2D" for t in up):
-        raise ValueError(f"only DownEncoderBlock2D/UpDecoderBlock2D VAEs are supported, got {down} / {up}")
+    down = list(v["down_block_types"] or ["DownEncoderBlock2D"] * levels)
+    up = list(v["up_block_types"] or ["UpDecoderBlock2D"] * levels)
+    for key, types, expected in (("down_block_types", down, "DownEncoderBlock2D"), ("up_block_types", up, "UpDecoderBlock2D")):
+        if any(t != expected for t in types):
+            raise ConfigError(key, f"only DownEncoderBlock2D/UpDecoderBlock2D VAEs are supported, got {types}")
+        if len(types) != levels:
+            raise ConfigError(key, f"has {len(types)} entries for the {levels} levels of block_out_channels")
     for key, expected in {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True}.items():
         if cfg.get(key, expected) != expected:
-            raise ValueError(f"diffusers VAE config sets {key}={cfg[key]!r}; ldm's KLAutoencoder needs {expected!r}")
-    latent = int(cfg.get("latent_channels", 4))
-    return dict(
-        in_channels=int(cfg.get("in_channels", 3)),
-        out_channels=int(cfg.get("out_channels", 3)),
+            raise ConfigError(key, f"set to {cfg[key]!r}; ldm's KLAutoencoder needs {expected!r}")
+    size = v["sample_size"]
+    latent = v["latent_channels"]
+    out = dict(
+        in_channels=v["in_channels"],
+        out_channels=v["out_channels"],
         ch=base,
         ch_mult=tuple(c // base for c in channels),
-        num_res_blocks=int(cfg.get("layers_per_block", 1)),
+        num_res_blocks=v["layers_per_block"],
         attn_resolutions=(),
-        resolution=int(cfg.get("sample_size", 256) or 256),
+        resolution=(max(size) if isinstance(size, tuple) else size) or 256,
         z_channels=latent,
         embed_dim=latent,
-        mid_attention=bool(cfg.get("mid_block_add_attention", True)),
-        norm_groups=int(cfg.get("norm_num_groups", 32)),
+        mid_attention=v["mid_block_add_attention"],
+        norm_groups=v["norm_num_groups"],
     )
+    AutoencoderConfig.from_dict(out)  # the remaining checks (errors renamed to diffusers' keys)
+    return out
 
 
 def vae_config_to_diffusers(config: Mapping[str, Any], scaling_factor: float = 0.18215) -> dict[str, Any]:

@@ -3,12 +3,15 @@ the module is, and finite; what a writer writes must be finite (a NaN model is r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["check_finite_weights", "load_checked"]
+from ldm.nn.configs import ConfigError
+
+__all__ = ["check_block_count", "check_config_fits", "check_finite_weights", "load_checked"]
 
 
 def check_finite_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -35,3 +38,39 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
                          f"({len(wrong)} in all); the file is damaged or not a model of this kind")
     check_finite_weights(state, source)
     return module.load_state_dict(state, strict=strict)
+
+
+def check_block_count(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str, keys: str) -> None:
+    """Refuse a UNet/VAE config that describes more blocks than ``state`` holds tensors (``num_res_blocks`` 10**9),
+    before a key map or a module is built from it; the error names ``source`` and the config's ``keys``."""
+    levels = len(config.get("channel_mult") or config.get("ch_mult") or ())
+    blocks = levels * (int(config.get("num_res_blocks", 1)) + 1) * int(config.get("transformer_depth", 1))
+    if blocks > len(state):
+        raise ConfigError(keys, f"describe {blocks:,} blocks but the weights hold only {len(state):,} tensors", source)
+
+
+def check_config_fits(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], source: str,
+                      defaulted: Iterable[str] = ()) -> None:
+    """Raise unless the module ``build()`` makes takes exactly the tensors of ``state`` (names and shapes). The module
+    is built on the meta device, so a config that does not describe its weights allocates nothing.
+
+    Raises:
+        ValueError: naming ``source``, the first missing, unexpected and misshapen keys, and the fields the config
+            left to their defaults (``defaulted``), the likely culprits.
+    """
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError) as error:  # e.g. widths whose tensors overflow a size
+        hint = f" (it leaves out {sorted(defaulted)}: defaults used)" if defaulted else ""
+        raise ValueError(f"{source} does not describe its weights: the model it describes cannot even be built "
+                         f"({type(error).__name__}: {error}){hint}") from None
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        defaulted = sorted(defaulted)
+        hint = f"; the config leaves out {defaulted} (defaults used)" if defaulted else ""
+        raise ValueError(f"{source} does not describe its weights: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"wrong shapes (file vs config) {wrong[:5]} ({len(missing)}/{len(unexpected)}/{len(wrong)} "
+                         f"in all){hint}")

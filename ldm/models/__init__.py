@@ -3,5 +3,9 @@
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.callbacks import SavePretrained
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.nonfinite_loss import NonFiniteLossError
+from ldm.models.preemption import PreemptionCheckpoint, PreemptionExit
+from ldm.models.rank_failure import RankFailureExit
 
-__all__ = ["AutoencoderKL", "LatentDiffusion", "SavePretrained"]
+__all__ = ["AutoencoderKL", "LatentDiffusion", "NonFiniteLossError", "PreemptionCheckpoint", "PreemptionExit",
+           "RankFailureExit", "SavePretrained"]

@@ -11,11 +11,12 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.formats.weights import load_checked
+from ldm.formats.weights import check_block_count, check_config_fits, load_checked
 from ldm.models.autoencoder_loss import AutoencoderLoss
 from ldm.models.image_logging import log_image_grid
+from ldm.models.nonfinite_loss import NonFiniteLossSkipping
 from ldm.formats.ldm_folder import VAE_WEIGHTS as WEIGHTS_NAME
-from ldm.formats.ldm_folder import load_weights, read_model_folder, write_model_folder
+from ldm.formats.ldm_folder import load_weights, read_vae_folder, write_model_folder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.configs import AutoencoderConfig
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 DISCRIMINATOR_NAME = "discriminator.safetensors"
 
 
-class AutoencoderKL(pl.LightningModule):
+class AutoencoderKL(NonFiniteLossSkipping, pl.LightningModule):
     """KL-regularised autoencoder trained with reconstruction, KL and PatchGAN losses.
 
     Training uses manual optimisation with two Adam optimisers (autoencoder, discriminator).
@@ -46,6 +47,10 @@ class AutoencoderKL(pl.LightningModule):
         scale_factor_batches: Training batches used at the end of fit to measure the latent scaling
             factor (1 / std of latents); 0 keeps the current value.
         num_logged_images: Images in the validation reconstruction grid.
+        max_consecutive_nonfinite: A step whose autoencoder loss is NaN/inf (on any rank) is skipped without an
+            update (a NaN/inf discriminator loss skips the discriminator's update) and counted
+            (``train/nonfinite_steps``); this many such steps in a row stop training with an error naming the step
+            and the likely causes. 0: never stop.
     """
 
     def __init__(
@@ -64,9 +69,12 @@ class AutoencoderKL(pl.LightningModule):
         disc_layers: int = 3,
         scale_factor_batches: int = 50,
         num_logged_images: int = 8,
+        max_consecutive_nonfinite: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if max_consecutive_nonfinite < 0:
+            raise ValueError(f"max_consecutive_nonfinite={max_consecutive_nonfinite} must be >= 0 (0: never stop)")
         self.automatic_optimization = False
         config = AutoencoderConfig.coerce(vae)
         self.hparams["vae"] = config.to_dict()  # plain JSON in checkpoints (read back with weights_only=True)
@@ -110,21 +118,29 @@ class AutoencoderKL(pl.LightningModule):
         opt_ae = optimizers[0] if isinstance(optimizers, list) else optimizers
         use_disc = self.discriminator_active
 
+        limit = self.hparams.max_consecutive_nonfinite
         with self.toggled_optimizer(opt_ae):
             rec, posterior = self.vae(x)
             ae_loss, logs = self.loss.autoencoder_loss(x, rec, posterior, self.vae.decoder.conv_out.weight, use_disc)
+            if not self.losses_finite(ae_loss):  # NaN/inf on some rank: no update on any (ldm.models.nonfinite_loss)
+                self.record_step(False, limit)
+                return
             opt_ae.zero_grad()
             self.manual_backward(ae_loss)
             opt_ae.step()
 
+        finite = True
         if use_disc:
             opt_disc = optimizers[1]
             with self.toggled_optimizer(opt_disc):
                 d_loss, d_logs = self.loss.discriminator_loss(x, rec)
-                opt_disc.zero_grad()
-                self.manual_backward(d_loss)
-                opt_disc.step()
+                finite = self.losses_finite(d_loss)
+                if finite:  # else no discriminator update, and the step counts as non-finite
+                    opt_disc.zero_grad()
+                    self.manual_backward(d_loss)
+                    opt_disc.step()
             logs.update(d_logs)
+        self.record_step(finite, limit)
         self.log("train/rec_loss", logs.pop("rec_loss"), prog_bar=True, batch_size=x.shape[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=x.shape[0])
 
@@ -133,7 +149,7 @@ class AutoencoderKL(pl.LightningModule):
         opt_ae = torch.optim.Adam(self.vae.parameters(), lr=self.hparams.learning_rate, betas=betas)
         if self.loss.discriminator is None:
             return opt_ae
-        disc_lr = self.hparams.disc_learning_rate or self.hparams.learning_rate
+        disc_lr = self.hparams.learning_rate if self.hparams.disc_learning_rate is None else self.hparams.disc_learning_rate
         opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=disc_lr, betas=betas)
         return [opt_ae, opt_disc]
 
@@ -201,12 +217,16 @@ class AutoencoderKL(pl.LightningModule):
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> "AutoencoderKL":
         """Rebuild a model written by :meth:`save_pretrained`; ``overrides`` replace config values."""
-        config, folder = read_model_folder(path, cls.__name__)
-        scaling_factor = config.pop("scaling_factor", 1.0)
+        _, scaling_factor, config, folder = read_vae_folder(path, cls.__name__)  # checked; errors name file and key
         config = {**config, **overrides}
         training = set(inspect.signature(cls.__init__).parameters) - {"self", "vae"}
-        model = cls(vae=AutoencoderConfig.from_dict(config), **{k: v for k, v in config.items() if k in training})
-        load_checked(model.vae, load_weights(folder, WEIGHTS_NAME), str(folder))
+        vae_config = AutoencoderConfig.from_dict(config)
+        state = load_weights(folder, WEIGHTS_NAME)
+        source = str(folder / "config.json")  # a config that does not describe the weights allocates nothing
+        check_block_count(vae_config.to_dict(), state, source, "num_res_blocks, ch_mult")
+        check_config_fits(lambda: KLAutoencoder(vae_config), state, source)
+        model = cls(vae=vae_config, **{k: v for k, v in config.items() if k in training})
+        load_checked(model.vae, state, str(folder))
         if model.loss.discriminator is not None and (folder / DISCRIMINATOR_NAME).is_file():
             model.loss.discriminator.load_state_dict(load_weights(folder, DISCRIMINATOR_NAME))
         model.scaling_factor.fill_(scaling_factor)

@@ -28,6 +28,7 @@ from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
 from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
 from ldm.models.latent_export import save_trained
+from ldm.models.nonfinite_loss import NonFiniteLossSkipping
 from ldm.nn.configs import UNET_DERIVED_FIELDS, TextEncoderConfig, UNetArchitecture
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.lora import UNET_TARGETS
@@ -35,7 +36,7 @@ from ldm.nn.lora import UNET_TARGETS
 log = logging.getLogger(__name__)
 
 
-class LatentDiffusion(pl.LightningModule):
+class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
     """Text-conditional latent diffusion: frozen autoencoder + CLIP text encoder + UNet + noise schedule.
 
     Args:
@@ -62,8 +63,8 @@ class LatentDiffusion(pl.LightningModule):
         prediction_type: ``epsilon`` or ``v_prediction``; ``None``: that of ``init_from``, else ``epsilon``.
         objective: Noise schedule and training objective (:class:`ObjectiveConfig`: ``schedule``, ``num_timesteps``,
             ``loss_weighting``, ``noise_offset``, ``cond_dropout``, ...).
-        optimizer: AdamW and its warm-up (:class:`OptimizerConfig`: ``learning_rate``, ``weight_decay``,
-            ``warmup_steps``, ``scale_lr``, ...).
+        optimizer: AdamW, its warm-up and NaN/inf losses (:class:`OptimizerConfig`: ``learning_rate``,
+            ``weight_decay``, ``warmup_steps``, ``scale_lr``, ``max_consecutive_nonfinite``, ...).
         cache_dir: Where to cache VAE latents (and frozen text embeddings): handed with the frozen encoders to the
             DataModule's ``enable_latent_cache`` (``ImageCaptionDataModule``: centre crops without flips; one shard
             set per aspect-ratio bucket); None encodes every step.
@@ -98,6 +99,8 @@ class LatentDiffusion(pl.LightningModule):
     fp32 weights at construction). ``ldm fit`` on such data builds the VAE without its encoder (``vae_encoder``);
     its decoder draws the validation samples.
     """
+
+    nonfinite_setting = "optimizer.max_consecutive_nonfinite"  # named by NonFiniteLossError
 
     def __init__(
         self,
@@ -242,7 +245,9 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self._step_generator(), self.objective.cond_dropout)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
+        # NaN/inf on some rank: no weight update on any (the gradients are dropped; ldm.models.nonfinite_loss)
+        if not self.skip_nonfinite_loss(loss, max_consecutive=self.optimizer_config.max_consecutive_nonfinite):
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

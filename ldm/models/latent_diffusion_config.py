@@ -54,7 +54,7 @@ class ObjectiveConfig(Config):
 
 @dataclass(frozen=True)
 class OptimizerConfig(Config):
-    """AdamW and its learning-rate warm-up.
+    """AdamW, its learning-rate warm-up, and what a NaN/inf loss does.
 
     Args:
         learning_rate: AdamW peak learning rate.
@@ -63,6 +63,9 @@ class OptimizerConfig(Config):
         warmup_steps: Linear learning-rate warm-up steps.
         scale_lr: Multiply ``learning_rate`` by global batch size / ``base_batch_size``.
         base_batch_size: Reference batch size for ``scale_lr``.
+        max_consecutive_nonfinite: A step whose loss is NaN/inf (on any rank) is skipped, without a weight update,
+            and counted (``train/nonfinite_steps``); this many in a row stop training with an error naming the step
+            and the likely causes. 0: never stop.
     """
 
     learning_rate: float = 1e-4
@@ -71,6 +74,13 @@ class OptimizerConfig(Config):
     warmup_steps: int = 0
     scale_lr: bool = False
     base_batch_size: int = 256
+    max_consecutive_nonfinite: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_consecutive_nonfinite < 0:
+            raise ValueError(f"optimizer.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 0 "
+                             "(0: never stop on NaN/inf losses)")
 
 
 @dataclass(frozen=True)

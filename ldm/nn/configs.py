@@ -3,39 +3,253 @@
 The modules build from them (``KLAutoencoder(config)``, ``UNetModel(config)``), the format layer reads and writes
 them (``from_dict``/``to_dict`` give the same JSON our model folders held before), and the LightningModules take
 them as arguments, so ``ldm fit --help`` documents every field.
+
+Every config checks itself when it is made: each field against its annotation (``int``, ``float``, ``bool``,
+``str``, ``X | None``, ``tuple[int, ...]``; a bool is not an int, an int is a float, a list becomes a tuple) and
+against its range (:attr:`Config._RULES`), raising :class:`ConfigError`, a ``ValueError`` that names the key, the
+bad value and what is expected, and, for a config read from a file, the file (``from_dict(values, source=path)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
-from typing import Any, TypeVar
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["UNetArchitecture", "AutoencoderConfig", "Config", "TextEncoderConfig", "UNetConfig"]
+__all__ = ["UNetArchitecture", "AutoencoderConfig", "Config", "ConfigError", "TextEncoderConfig", "UNetConfig",
+           "check_fields", "check_value"]
 
 _C = TypeVar("_C", bound="Config")
 
 
+class ConfigError(ValueError):
+    """A config value that is missing, of the wrong type or out of range.
+
+    The message reads ``"<source>: <key>: <problem>"``: ``source`` is the file (or other origin) the values came
+    from, ``key`` the offending key as that source spells it (``unet.model_channels`` inside a group).
+    """
+
+    def __init__(self, key: str | None, problem: str, source: str | None = None):
+        self.key, self.problem, self.source = key, problem, source
+        text = f"{key}: {problem}" if key else problem
+        super().__init__(f"{source}: {text}" if source else text)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (DataLoader workers, DDP ranks) with its own arguments
+        return type(self), (self.key, self.problem, self.source)
+
+    def located(self, source: str | None = None, prefix: str | None = None,
+                rename: Mapping[str, str] | None = None) -> ConfigError:
+        """The same problem as read from ``source`` (kept when the error already names one), with the key renamed
+        (``rename``: our field name -> the source's key) and put under ``prefix`` (a group: ``unet``)."""
+        key = self.key
+        if key is not None and rename:
+            key = ", ".join(rename.get(k, k) for k in key.split(", "))
+        if prefix:
+            key = ", ".join(f"{prefix}.{k}" for k in key.split(", ")) if key else prefix
+        return ConfigError(key, self.problem, self.source or source)
+
+
+# ------------------------------------------------------------------------------------------------ type checks
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        names = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(args[0])}"
+        return f"a list of {len(args)} {_plural(args[0]) if len(set(args)) == 1 else 'values'}"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _plural(hint: Any) -> str:
+    return {int: "integers", float: "finite numbers", bool: "booleans", str: "strings"}.get(hint, _describe(hint))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    kind = {dict: "an object", list: "a list", tuple: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value))
+    if kind is None:
+        kind = "an integer" if isinstance(value, numbers.Integral) else "a number" if isinstance(value, numbers.Real) \
+            else f"a {type(value).__name__}"
+    return f"{text} ({kind})" if value is not None else "null"
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    """``(True, value as the field holds it)`` when ``value`` fits ``hint``, else ``(False, None)``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any or hint is object:
+        return True, value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return type(None) in args, None
+        for arg in args:
+            if arg is not type(None):
+                ok, converted = _convert(value, arg)
+                if ok:
+                    return True, converted
+        return False, None
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, None
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            return False, None
+        out = []
+        for item, item_hint in zip(value, items):
+            ok, converted = _convert(item, item_hint)
+            if not ok:
+                return False, None
+            out.append(converted)
+        return True, tuple(out)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else None
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else None
+    if hint is str:
+        return isinstance(value, str), value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value  # a hint these checks do not know: left to the class
+
+
+def check_value(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as a field annotated ``hint`` holds it (a list as a tuple, an int as a float where a float belongs).
+
+    Raises:
+        ConfigError: naming ``key``, the value and what was expected (non-finite numbers are no numbers).
+    """
+    ok, converted = _convert(value, hint)
+    if not ok:
+        raise ConfigError(key, f"got {_show(value)}; expected {_describe(hint)}")
+    return converted
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass' fields (``from __future__ import annotations`` leaves strings)."""
+    if cls not in _HINTS:
+        hints = get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints.get(f.name, Any) for f in fields(cls)}
+    return _HINTS[cls]
+
+
+def check_fields(cls: type, values: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """The entries of ``values`` that are fields of the dataclass ``cls``, each checked against its annotation (for
+    dataclasses that are not a :class:`Config`, such as the sampler settings); other keys are left out.
+
+    Raises:
+        ConfigError: for a value of the wrong type, naming ``source`` and the key.
+    """
+    if not is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = _field_hints(cls)
+    try:
+        return {k: check_value(k, v, hints[k]) for k, v in values.items() if k in hints}
+    except ConfigError as error:
+        raise error.located(source) from None
+
+
+# ------------------------------------------------------------------------------------------------ range rules
+
+Rule = Callable[[Any], "str | None"]  # the problem with a (well-typed, not None) value, or None when it is fine
+
+
+def _items(value: Any) -> Iterable[Any]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def positive(value: Any) -> str | None:
+    """Every number (of a list too) > 0."""
+    return None if all(v > 0 for v in _items(value)) else f"got {_show(value)}; expected {'values' if isinstance(value, tuple) else 'a value'} > 0"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if all(v >= 0 for v in _items(value)) else f"got {_show(value)}; expected a value >= 0"
+
+
+def levels(value: Any) -> str | None:
+    """A non-empty list of positive multipliers (one per resolution level)."""
+    if not value:
+        return "got an empty list; expected one multiplier > 0 per resolution level"
+    return positive(value)
+
+
+def head_setting(value: Any) -> str | None:
+    """-1 (unused) or a positive count."""
+    return None if value == -1 or value > 0 else f"got {_show(value)}; expected a value > 0, or -1 (unused)"
+
+
+def probability(value: Any) -> str | None:
+    """A dropout rate in [0, 1)."""
+    return None if 0 <= value < 1 else f"got {_show(value)}; expected a value in [0, 1)"
+
+
 @dataclass(frozen=True)
 class Config:
-    """Base of the typed configs (a dataclass without fields, so jsonargparse reads them as plain dataclasses)."""
+    """Base of the typed configs (a dataclass without fields, so jsonargparse reads them as plain dataclasses).
 
-    def __post_init__(self) -> None:  # sequences as tuples, so equal configs compare equal whatever they came from
+    Subclasses list range checks in ``_RULES`` (field name -> rule: a function of the well-typed value returning
+    the problem or None; None values of optional fields are not checked) and cross-field checks in
+    ``__post_init__`` after ``super().__post_init__()``, raising :class:`ConfigError`.
+    """
+
+    _RULES: typing.ClassVar[Mapping[str, Rule]] = {}
+
+    def __post_init__(self) -> None:
+        hints = _field_hints(type(self))
         for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                object.__setattr__(self, f.name, tuple(value))
+            value = check_value(f.name, getattr(self, f.name), hints[f.name])  # sequences as tuples: equal configs compare equal
+            object.__setattr__(self, f.name, value)
+            rule = self._RULES.get(f.name)
+            problem = rule(value) if rule is not None and value is not None else None
+            if problem:
+                raise ConfigError(f.name, problem)
 
     @classmethod
-    def from_dict(cls: type[_C], values: Mapping[str, Any]) -> _C:
-        """The config from a dict that may hold other keys too (``_class_name``, training settings, ...)."""
+    def from_dict(cls: type[_C], values: Mapping[str, Any], source: str | None = None,
+                  required: Iterable[str] = ()) -> _C:
+        """The config from a dict that may hold other keys too (``_class_name``, training settings, ...).
+
+        Args:
+            values: The fields (other keys are ignored).
+            source: Where ``values`` come from (a file path); every error names it.
+            required: Keys ``values`` must hold (no default is assumed for them): for a file, the fields its
+                writers have always written.
+
+        Raises:
+            ConfigError: for ``values`` that are not a mapping, a missing required key, or a bad value.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(None, f"expected an object of {cls.__name__} fields, got {_show(values)}", source)
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ConfigError(", ".join(missing), f"missing (required: no default is assumed for {'it' if len(missing) == 1 else 'them'})",
+                              source)
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in values.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in values.items() if k in names})
+        except ConfigError as error:
+            raise error.located(source) from None
 
     @classmethod
-    def coerce(cls: type[_C], value: _C | Mapping[str, Any]) -> _C:
+    def coerce(cls: type[_C], value: _C | Mapping[str, Any], source: str | None = None) -> _C:
         """``value`` itself, or the config from a dict (a checkpoint's hyper-parameters, a test's arguments)."""
-        return value if isinstance(value, cls) else cls.from_dict(value)
+        return value if isinstance(value, cls) else cls.from_dict(value, source)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (sequences as lists)."""
@@ -79,6 +293,10 @@ class AutoencoderConfig(Config):
     mid_attention: bool = True
     norm_groups: int = 32
 
+    _RULES = {"in_channels": positive, "out_channels": positive, "ch": positive, "ch_mult": levels,
+              "num_res_blocks": positive, "attn_resolutions": positive, "resolution": positive, "z_channels": positive,
+              "embed_dim": positive, "dropout": probability, "norm_groups": positive}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.out_channels is None:
@@ -89,6 +307,30 @@ class AutoencoderConfig(Config):
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+
+# Range rules of the UNet's fields other than its channels (shared by UNetConfig and UNetArchitecture).
+_UNET_SHAPE_RULES = {"model_channels": positive, "channel_mult": levels, "num_res_blocks": positive,
+                     "attention_resolutions": positive, "num_heads": head_setting, "num_head_channels": head_setting,
+                     "transformer_depth": positive, "dropout": probability, "norm_groups": positive}
+
+
+def _check_unet_shape(config: Any) -> None:
+    """``__post_init__`` of the UNet configs: the field checks, then the heads must split every attention block's
+    channels (what ``UNetModel`` would otherwise refuse while building)."""
+    Config.__post_init__(config)
+    if config.num_head_channels == -1 and config.num_heads == -1:
+        raise ConfigError("num_heads", "num_heads and num_head_channels are both -1; set one of them > 0")
+    widths = [config.model_channels * m for level, m in enumerate(config.channel_mult)
+              if 2**level in config.attention_resolutions]
+    widths.append(config.model_channels * config.channel_mult[-1])  # the middle block's transformer
+    for width in widths:
+        if config.num_head_channels == -1 and width % config.num_heads:
+            raise ConfigError("num_heads", f"{width} channels (model_channels * channel_mult) are not divisible by "
+                                           f"num_heads={config.num_heads}")
+        if config.num_head_channels != -1 and width % config.num_head_channels:
+            raise ConfigError("num_head_channels", f"{width} channels (model_channels * channel_mult) are not divisible "
+                                                   f"by num_head_channels={config.num_head_channels}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +379,9 @@ class UNetConfig(Config):
     norm_groups: int = 32
     use_checkpoint: bool = False
 
+    _RULES = {"in_channels": positive, "out_channels": positive, "context_dim": positive, **_UNET_SHAPE_RULES}
+    __post_init__ = _check_unet_shape
+
 
 @dataclass(frozen=True)
 class TextEncoderConfig(Config):
@@ -156,10 +401,13 @@ class TextEncoderConfig(Config):
     intermediate_size: int | None = None
     max_length: int = 77
 
+    _RULES = {"hidden_size": positive, "num_layers": positive, "num_heads": positive, "intermediate_size": positive,
+              "max_length": positive}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
+            raise ConfigError("num_heads", f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
 
 
 # The channels a UNet on a given VAE and text encoder must have: a run fills them in from those, so its ``unet``
@@ -170,7 +418,8 @@ UNetArchitecture = make_dataclass(
     [(f.name, f.type, field(default=f.default)) for f in fields(UNetConfig) if f.name not in UNET_DERIVED_FIELDS],
     bases=(Config,),
     frozen=True,
-    namespace={"__module__": __name__, "__doc__": (UNetConfig.__doc__ or "").replace(
+    namespace={"__module__": __name__, "_RULES": _UNET_SHAPE_RULES, "__post_init__": _check_unet_shape,
+               "__doc__": (UNetConfig.__doc__ or "").replace(
         "Shape of the conditional UNet", "Shape of a run's UNet without the channels its VAE and text encoder set "
         "(``in_channels``, ``out_channels``, ``context_dim``); the rest of :class:`UNetConfig`", 1)},
 )
