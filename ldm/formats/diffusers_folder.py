@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ldm.formats.config_files import check_sample_size, check_scaling_factor, read_diffusers_scheduler, read_json_config
-from ldm.formats.weights import check_block_count, check_config_fits, load_checked
+from ldm.formats.weights import check_block_count, check_config_fits, load_checked, read_safetensors
 from ldm.formats.components import ModelComponents
 from ldm.formats.sd_checkpoint import _contiguous_unshared
 from ldm.formats.text_encoder_files import load_text_encoder
@@ -40,12 +40,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """``diffusion_pytorch_model[.fp16].safetensors`` (sharded too) or ``.bin`` (``weights_only=True``)."""
-    from safetensors.torch import load_file
-
     for variant in ("", ".fp16"):
         single = folder / f"{WEIGHTS_NAME}{variant}.safetensors"
         if single.is_file():
-            return load_file(str(single), device="cpu")
+            return read_safetensors(single)
         index = folder / f"{WEIGHTS_NAME}{variant}.safetensors.index.json"
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
@@ -54,7 +52,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             shards = sorted(set(weight_map.values()))
             out: dict[str, torch.Tensor] = {}
             for shard in shards:
-                out.update(load_file(str(folder / shard), device="cpu"))
+                out.update(read_safetensors(folder / shard))
             return out
         binary = folder / f"{WEIGHTS_NAME}{variant}.bin"
         if binary.is_file():

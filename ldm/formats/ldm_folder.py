@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm.diffusion import SamplerConfig
 from ldm.formats.config_files import MAX_SAMPLE_SIZE, check_scaling_factor, read_json_config, read_ldm_scheduler
-from ldm.formats.weights import check_block_count, check_config_fits, load_checked
+from ldm.formats.weights import check_block_count, check_config_fits, load_checked, read_safetensors
 from ldm.formats.components import ModelComponents
 from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
@@ -136,7 +136,7 @@ def load_weights(folder: Path, file_name: str) -> dict[str, torch.Tensor]:
     path = folder / file_name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; the model folder is incomplete.")
-    return load_file(str(path))
+    return read_safetensors(path)
 
 
 def write_pipeline_folder(

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ldm.formats.clip_keys import diffusers_to_transformers_clip_name, transformers_to_diffusers_clip_name
 from ldm.formats.config_files import parse_json_config
 from ldm.formats.unet_keys import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names, unet_config_of
+from ldm.formats.weights import open_safetensors
 from ldm.nn.configs import Config, ConfigError, positive
 from ldm.nn.lora import LoraSnapshot, add_lora, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
 from ldm.nn.text_encoder import TextEncoder
@@ -147,7 +147,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         path = path / DIFFUSERS_LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist (give the .safetensors file or a folder holding {DIFFUSERS_LORA_FILE})")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta = parse_json_config(header[METADATA_KEY], f"{path} (safetensors header {METADATA_KEY})") if METADATA_KEY in header else {}

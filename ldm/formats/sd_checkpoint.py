@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ldm.formats.clip_keys import transformers_to_sd_v1_clip
+from ldm.formats.weights import read_safetensors
 from ldm.nn.unet import UNetModel
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"SD checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)

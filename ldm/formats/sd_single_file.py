@@ -30,7 +30,7 @@ from ldm.diffusion.sampler_config import SamplerConfig
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.formats.config_files import (ScheduleConfig, check_prediction_type, check_sample_size, check_scaling_factor,
                                       parse_json_config, sampler_config_from)
-from ldm.formats.weights import load_checked
+from ldm.formats.weights import load_checked, open_safetensors
 from ldm.formats.components import ModelComponents
 from ldm.formats.clip_keys import (
     clip_config_from_state,
@@ -62,9 +62,7 @@ def read_header_metadata(path: Path) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` header (empty for other files)."""
     if path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return dict(f.metadata() or {})
 
 

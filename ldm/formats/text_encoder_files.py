@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.formats.config_files import read_json_config
-from ldm.formats.weights import check_config_fits
+from ldm.formats.weights import check_config_fits, open_safetensors
 from ldm.nn.configs import Config, ConfigError, TextEncoderConfig, non_negative, positive, probability
 from ldm.nn.text_encoder import (LAYER_CONFIG_KEY, LAYERS, MAX_LENGTH_CONFIG_KEY, MODEL_SUBFOLDER, TOKENIZER_SUBFOLDER,
                                  TextEncoder, check_layer)
@@ -117,7 +116,7 @@ def _check_clip_weights(values: dict[str, Any], folder: Path, source: str) -> No
     except Exception as error:  # noqa: BLE001  (transformers' checks of its config raise several types)
         raise ConfigError(getattr(error, "field", None) or _culprit(values),
                           f"transformers refuses this CLIP config ({type(error).__name__}: {error})", source) from error
-    with safe_open(str(weights), framework="pt") as f:
+    with open_safetensors(weights) as f:
         shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     defaulted = [k for k in CLIPTextShape.__dataclass_fields__ if k not in values]
     check_config_fits(lambda: CLIPTextModel(config), shapes, source, defaulted)

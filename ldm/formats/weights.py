@@ -3,15 +3,18 @@ the module is, and finite; what a writer writes must be finite (a NaN model is r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ldm.nn.configs import ConfigError
 
-__all__ = ["check_block_count", "check_config_fits", "check_finite_weights", "load_checked"]
+__all__ = ["open_safetensors", "read_safetensors", "check_block_count", "check_config_fits", "check_finite_weights", "load_checked"]
 
 
 def check_finite_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -38,6 +41,24 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
                          f"({len(wrong)} in all); the file is damaged or not a model of this kind")
     check_finite_weights(state, source)
     return module.load_state_dict(state, strict=strict)
+
+
+@contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safe_open(path)``; a damaged, truncated or non-safetensors file raises a ``ValueError`` naming it (also for
+    errors while reading tensors inside the ``with`` block), never safetensors' bare "header too large"."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable .safetensors file ({error}): it is damaged or truncated (copy or "
+                         "download it again), or not in the safetensors format") from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file, on the CPU (errors as :func:`open_safetensors`)."""
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def check_block_count(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str, keys: str) -> None:

@@ -66,6 +66,15 @@ def test_a_bad_init_from_surfaces_the_real_cause_not_jsonargparse(tmp_path, caps
     assert "Does not validate" not in err and "Namespace(" not in err
 
 
+def test_a_damaged_init_from_file_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a model at all")
+    code, err = _run(["fit", "--model", "ldm.models.LatentDiffusion", "--model.init_from", str(bad),
+                      "--data.root", str(tmp_path), "--trainer.logger", "false"], capsys)
+    assert code == 2 and "Does not validate" not in err
+    assert f"{bad} is not a readable .safetensors file" in err.strip().splitlines()[-1]
+
+
 def test_unexpected_errors_keep_their_traceback():
     assert not is_expected(RuntimeError("a bug"))
     assert is_expected(ValueError("bad value")) and is_expected(FileNotFoundError("x"))
