@@ -129,3 +129,19 @@ def run_ddp_script(script: Path, out: Path, timeout: float = 240) -> None:
 def diffusers():
     """diffusers, the test-only oracle (never imported by ldm itself)."""
     return pytest.importorskip("diffusers")
+
+
+def finish_or_kill(proc, timeout: float, what: str) -> str:
+    """``proc``'s output once it exits; past ``timeout`` s, kill its whole session (start it with
+    ``start_new_session=True``) and fail the test with the output's tail."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{what} (killed after {timeout} s):\n{output[-4000:]}")
+    return output

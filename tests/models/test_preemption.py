@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_VAE
+from conftest import TINY_VAE, finish_or_kill
 from ldm.data import ImageCaptionDataModule
 from ldm.models import AutoencoderKL, PreemptionCheckpoint, PreemptionExit
 
@@ -146,13 +146,7 @@ def _ldm_fit(*args: str) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"ldm fit did not exit within {timeout} s:\n{output[-3000:]}")
-    return output
+    return finish_or_kill(proc, timeout, "ldm fit did not exit")
 
 
 def _signal_after_steps(proc: subprocess.Popen, steps_file: Path, signum: int, steps: int = 2) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import finish_or_kill
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "ddp_training_faults.py"
 sys.path.insert(0, str(SCRIPTS))
@@ -35,13 +37,7 @@ def _start(out: Path, *args: str) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 150) -> str:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the DDP job hung (killed after {timeout} s):\n{output[-4000:]}")
-    return output
+    return finish_or_kill(proc, timeout, "the DDP job hung")
 
 
 def _job_processes_left(proc: subprocess.Popen) -> bool:
