@@ -155,7 +155,9 @@ def size_batches(indices: Sequence[int], sizes: Sequence[tuple[int, int]] | None
     indices = list(indices)
     if sizes is None:
         return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    window = window or 4 * batch_size
+    window = 4 * batch_size if window is None else window
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     batches: list[list[int]] = []
     pending: dict[tuple[int, int], list[int]] = {}
     for i in indices:

@@ -24,7 +24,7 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
     """
     for name, module in (("UNet", parts.unet), ("VAE", parts.vae), ("text encoder", parts.text_encoder)):
         check_finite_weights(module.state_dict(), f"the model's {name} (not written to {path})")
-    sample_size = int(parts.sample_size or 64 * parts.vae.downsampling_factor)
+    sample_size = int(64 * parts.vae.downsampling_factor if parts.sample_size is None else parts.sample_size)
     if format == "ldm":
         vae_config = {**parts.vae_config.to_dict(), "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}
         return write_pipeline_folder(path, parts.unet_config.to_dict(), parts.unet.state_dict(), vae_config, parts.vae.state_dict(),

@@ -318,7 +318,7 @@ def new_text_encoder(
     clip_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size or 4 * config.hidden_size,
+        intermediate_size=4 * config.hidden_size if config.intermediate_size is None else config.intermediate_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
         max_position_embeddings=config.max_length,
