@@ -33,12 +33,14 @@ def data_main(args: list[str]) -> None:
     opt.add_argument("--resize", type=positive_int, default=None, help="re-encode with the shorter side at most this many pixels")
     opt.add_argument("--chunk-bytes", default="64MB", help="target chunk size")
     opt.add_argument("--val-fraction", type=finite_float(0.0, 1.0), default=0.1, help="validation share, as --data.val_fraction")
+    for command in (tok, opt):
+        _add_folder_rules(command)
     ns = parser.parse_args(args)
     if ns.command == "optimize":
         from ldm.data.shards import optimize_dataset
 
         summary = optimize_dataset(ns.root, ns.out, workers=ns.workers, resize=ns.resize, chunk_bytes=ns.chunk_bytes,
-                                   data_dir=ns.data_dir, val_fraction=ns.val_fraction, progress=True)
+                                   data_dir=ns.data_dir, val_fraction=ns.val_fraction, progress=True, **_folder_rules(ns))
         print(f"Wrote {summary['splits']['train']} training and {summary['splits']['val']} validation images to {ns.out} "
               f"({len(summary['skipped'])} unreadable skipped)")
         return
@@ -49,7 +51,7 @@ def data_main(args: list[str]) -> None:
         from ldm.data import ImageCaptionDataModule
         from ldm.data.tokenizer import train_clip_tokenizer
 
-        dm = ImageCaptionDataModule(root=ns.root, data_dir=ns.data_dir)
+        dm = ImageCaptionDataModule(root=ns.root, data_dir=ns.data_dir, **_folder_rules(ns))
         dm.prepare_data()
         dm.setup("fit")
         captions = [c for ds in (dm.train_dataset, dm.val_dataset) for r in ds.records for c in r.captions]
@@ -92,6 +94,22 @@ def _add_encode_parser(sub) -> None:
     enc.add_argument("--buckets", action="store_true", help="aspect-ratio buckets: each image's latents at its bucket size")
     enc.add_argument("--bucket-multiple", type=positive_int, default=64, help="bucket sides are multiples of this (as --data.bucket_multiple)")
     enc.add_argument("--bucket-max-ratio", type=finite_float(1.0), default=2.0, help="widest bucket aspect ratio (as --data.bucket_max_ratio)")
+    _add_folder_rules(enc)
+
+
+def _add_folder_rules(parser: argparse.ArgumentParser) -> None:
+    """The dataset-folder safety options of ``--data.*`` that a data subcommand reading a folder takes too."""
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="read linked files that lead out of the dataset folder (as --data.follow_symlinks)")
+    parser.add_argument("--max-image-pixels", type=positive_int, default=None,
+                        help="skip larger images, from their header (as --data.max_image_pixels; default 8192x8192)")
+
+
+def _folder_rules(ns: argparse.Namespace) -> dict:
+    rules = {"follow_symlinks": ns.follow_symlinks}
+    if ns.max_image_pixels is not None:
+        rules["max_image_pixels"] = ns.max_image_pixels
+    return rules
 
 
 def _encode_main(ns: argparse.Namespace) -> None:
@@ -101,7 +119,7 @@ def _encode_main(ns: argparse.Namespace) -> None:
                              image_size=ns.image_size, batch_size=ns.batch_size, device=ns.device, dtype=ns.dtype,
                              chunk_bytes=ns.chunk_bytes, part_size=ns.part_size, data_dir=ns.data_dir,
                              val_fraction=ns.val_fraction, num_workers=ns.num_workers, buckets=ns.buckets,
-                             bucket_multiple=ns.bucket_multiple, bucket_max_ratio=ns.bucket_max_ratio)
+                             bucket_multiple=ns.bucket_multiple, bucket_max_ratio=ns.bucket_max_ratio, **_folder_rules(ns))
     counts = summary.info["counts"]
     done = "already complete; nothing encoded" if summary.already_complete else "parts written: " + ", ".join(
         f"{name} {len(parts)}" for name, parts in summary.parts_written.items())

@@ -99,7 +99,7 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
                    text_encoder_layer: str | None = None, image_size: int | None = None, batch_size: int = 32,
                    device: str | None = None, dtype: str = "float32", chunk_bytes: str = "64MB", part_size: int = 4096,
                    data_dir: str = "data", val_fraction: float = 0.1, num_workers: int = 0, buckets: bool = False,
-                   bucket_multiple: int = 64, bucket_max_ratio: float = 2.0) -> EncodeSummary:
+                   bucket_multiple: int = 64, bucket_max_ratio: float = 2.0, **folder_rules: Any) -> EncodeSummary:
     """Encode every training and validation image of ``src`` (and every distinct caption) into ``out``.
 
     Rerunning with the same arguments after an interruption encodes only the parts not yet complete; rerunning
@@ -126,6 +126,7 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
             (``buckets``), by which ``PrecomputedLatentsDataModule`` batches them.
         bucket_multiple: Bucket sides are multiples of this (as ``--data.bucket_multiple``).
         bucket_max_ratio: Widest (and tallest) bucket aspect ratio (as ``--data.bucket_max_ratio``).
+        folder_rules: ``follow_symlinks``, ``max_image_pixels`` (as ``--data.*``): what the folder scan accepts.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -137,7 +138,7 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
         raise ValueError(f"{vae} does not record its training image size; pass --image-size")
     dm = ImageCaptionDataModule(root=src, data_dir=data_dir, image_size=image_size, crop="center", random_flip=False,
                                 val_fraction=val_fraction, buckets=buckets, bucket_multiple=bucket_multiple,
-                                bucket_max_ratio=bucket_max_ratio)
+                                bucket_max_ratio=bucket_max_ratio, **folder_rules)
     dm.prepare_data()
     dm.setup("fit")
     root = Path(dm.train_dataset.root)

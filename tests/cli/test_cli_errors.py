@@ -57,6 +57,18 @@ def test_data_commands_check_numbers_too(tmp_path, capsys):
     assert code == 2 and "argument --num-images" in err
 
 
+def test_data_commands_refuse_links_out_of_the_folder_unless_asked(tmp_path, tiny_dataset, capsys):
+    outside = tmp_path / "elsewhere.png"
+    shutil.move(tiny_dataset / "images" / "003.png", outside)
+    (tiny_dataset / "images" / "003.png").symlink_to(outside)
+    code, err = _run(["data", "tokenizer", str(tiny_dataset), "--out", str(tmp_path / "tok")], capsys)
+    assert code == 1 and "003.png" in err and "--data.follow_symlinks" in err and "Traceback" not in err
+    main(["data", "tokenizer", str(tiny_dataset), "--out", str(tmp_path / "tok"), "--follow-symlinks"])
+    assert "Trained a tokenizer on" in capsys.readouterr().out
+    code, err = _run(["data", "optimize", str(tiny_dataset), "--out", str(tmp_path / "s"), "--max-image-pixels", "0"], capsys)
+    assert code == 2 and "argument --max-image-pixels" in err
+
+
 def test_a_bad_init_from_surfaces_the_real_cause_not_jsonargparse(tmp_path, capsys):
     code, err = _run(["fit", "--model", "ldm.models.LatentDiffusion", "--model.init_from", str(tmp_path / "missing.safetensors"),
                       "--data.root", str(tmp_path), "--trainer.logger", "false"], capsys)
