@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import json
+from ldm.threads import apply_thread_policy
+
+apply_thread_policy()  # OpenMP threads sleep while waiting (before torch loads): tests stay fast on a busy machine
+
+import json  # noqa: E402
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ldm.evaluation.digit_fidelity import digit_fidelity
+from ldm.evaluation.digit_reading import images_to_digit_features
+
+__all__ = ["evaluate_digit_prompts", "images_to_digit_features", "prompt_accuracy", "train_digit_classifier"]
 
 
 def train_digit_classifier(seed: int = 0):
@@ -24,13 +28,6 @@ def train_digit_classifier(seed: int = 0):
     return SVC(gamma=0.001, C=10.0).fit(digits.data, digits.target), float(held_out)
 
 
-def images_to_digit_features(images: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (B, 3, H, W) -> (B, 64) features on the digits' 0..16 scale."""
-    grey = ((images.float().clamp(-1, 1) + 1) / 2).mean(dim=1, keepdim=True)
-    small = F.adaptive_avg_pool2d(grey, (8, 8))
-    return (small.flatten(1) * 16.0).cpu().numpy()
-
-
 def prompt_accuracy(classifier, images: torch.Tensor, labels: list[int]) -> tuple[float, np.ndarray]:
     """Share of ``images`` classified as their ``labels``; also returns the predictions."""
     predictions = classifier.predict(images_to_digit_features(images))
@@ -39,7 +36,8 @@ def prompt_accuracy(classifier, images: torch.Tensor, labels: list[int]) -> tupl
 
 def evaluate_digit_prompts(pipe, steps: int = 20, guidance: float = 5.0, sampler: str = "dpmpp_2m", per_digit: int = 10,
                            seed: int = 0, grid_path: str | None = None, batch_size: int = 100) -> dict:
-    """Generate ``per_digit`` samples of ``a handwritten digit d`` for d = 0..9 and score them."""
+    """Generate ``per_digit`` samples of ``a handwritten digit d`` for d = 0..9 and score them: prompt accuracy, and
+    with ``per_digit >= 2`` fidelity and diversity (`ldm.evaluation.digit_fidelity`)."""
     from pathlib import Path
 
     from torchvision.utils import make_grid, save_image
@@ -55,7 +53,8 @@ def evaluate_digit_prompts(pipe, steps: int = 20, guidance: float = 5.0, sampler
     ])
     accuracy, predictions = prompt_accuracy(classifier, images, labels)
     per = [float(np.mean(predictions[d * per_digit : (d + 1) * per_digit] == d)) for d in range(10)]
+    quality = digit_fidelity(images, labels, seed=seed) if per_digit >= 2 else {}
     if grid_path is not None:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         save_image(make_grid((images + 1) / 2, nrow=per_digit, padding=1), grid_path)
-    return {"accuracy": accuracy, "per_digit": per, "samples": len(prompts), "classifier_accuracy": classifier_accuracy}
+    return {"accuracy": accuracy, "per_digit": per, "samples": len(prompts), "classifier_accuracy": classifier_accuracy, **quality}
