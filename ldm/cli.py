@@ -322,12 +322,22 @@ def _evaluate_main(args: list[str]) -> None:
         f"({ns.sampler}, {ns.steps} steps, guidance {ns.guidance}); per digit: "
         + " ".join(f"{d}:{100 * a:.0f}%" for d, a in enumerate(result["per_digit"]))
     )
+    if "fd_digits" in result:
+        print(
+            f"fidelity FD_digits {result['fd_digits']:.2f} (real-vs-real floor at this size "
+            f"{result['fd_floor']:.2f} +- {result['fd_floor_std']:.2f}; lower is closer to the real digits; not FID); "
+            f"diversity {result['diversity']:.2f} of the real digits' spread; per digit: "
+            + " ".join(f"{d}:{r:.2f}" for d, r in result["diversity_per_digit"].items())
+        )
     print(f"classifier accuracy on held-out real digits: {100 * result['classifier_accuracy']:.1f}%")
     print(f"Wrote the sample grid (row d: 'a handwritten digit d') to {ns.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ldm`` console script (``--debug`` anywhere: tracebacks instead of one-line errors)."""
+    from ldm.threads import apply_thread_policy
+
+    apply_thread_policy()  # before anything imports torch
     from ldm.cli_errors import pop_debug, run_reporting_errors
 
     args = list(sys.argv[1:] if argv is None else argv)
