@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ldm.models.image_logging import log_image_grid, pad_to_common_size
 from ldm.models.latent_data import check_precomputed, enable_latent_cache
 from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig, ValidationConfig
 from ldm.models.latent_export import save_trained
+from ldm.models.lr_schedule import lr_factor
 from ldm.models.nonfinite_loss import NonFiniteLossSkipping
 from ldm.nn.configs import UNET_DERIVED_FIELDS, TextEncoderConfig, UNetArchitecture
 from ldm.nn.distributions import DiagonalGaussianDistribution
@@ -320,8 +322,10 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         fused = self.device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
         opt = torch.optim.AdamW(params, lr=lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay,
                                 fused=fused or None)
-        warmup = max(1, config.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        total = int(self.trainer.estimated_stepping_batches) if config.lr_decay != "constant" else 0
+        shape = partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=total, decay=config.lr_decay,
+                        final_ratio=config.final_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----------------------------------------------------------------- resume

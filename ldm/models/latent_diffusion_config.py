@@ -52,6 +52,9 @@ class ObjectiveConfig(Config):
             raise ValueError(f"objective.cond_dropout={self.cond_dropout} must be in [0, 1]")
 
 
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig(Config):
     """AdamW, its learning-rate warm-up, and what a NaN/inf loss does.
@@ -61,6 +64,9 @@ class OptimizerConfig(Config):
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
         warmup_steps: Linear learning-rate warm-up steps.
+        lr_decay: After warm-up: ``constant``, or ``cosine`` / ``linear`` decay to ``final_lr_ratio`` x the peak at
+            the run's last step (the Trainer's ``max_steps``, else ``max_epochs`` x batches per epoch).
+        final_lr_ratio: Learning rate at the last step of a ``cosine``/``linear`` decay, as a share of the peak.
         scale_lr: Multiply ``learning_rate`` by global batch size / ``base_batch_size``.
         base_batch_size: Reference batch size for ``scale_lr``.
         max_consecutive_nonfinite: A step whose loss is NaN/inf (on any rank) is skipped, without a weight update,
@@ -72,12 +78,18 @@ class OptimizerConfig(Config):
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_decay: str = "constant"
+    final_lr_ratio: float = 0.0
     scale_lr: bool = False
     base_batch_size: int = 256
     max_consecutive_nonfinite: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"optimizer.lr_decay={self.lr_decay!r}; use one of {', '.join(LR_DECAYS)}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"optimizer.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
         if self.max_consecutive_nonfinite < 0:
             raise ValueError(f"optimizer.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 0 "
                              "(0: never stop on NaN/inf losses)")
