@@ -145,7 +145,8 @@ def _reconstruct_main(args: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="ldm reconstruct",
-        description="Reconstruct a dataset's validation split with a trained autoencoder; print PSNR/SSIM and write a grid.",
+        description="Reconstruct a dataset's validation split with a trained autoencoder; print PSNR, SSIM and rFD_data "
+                    "(rFID with --inception-weights) and write a grid.",
     )
     parser.add_argument("--model", required=True, help="folder written by AutoencoderKL.save_pretrained")
     parser.add_argument("--data", default="digits", help="dataset folder or built-in name")
@@ -153,19 +154,43 @@ def _reconstruct_main(args: list[str]) -> None:
     parser.add_argument("--image-size", type=positive_int, default=32, help="image size")
     parser.add_argument("--out", default="outputs/reconstructions.png", help="PNG grid to write")
     parser.add_argument("--num-images", type=positive_int, default=16, help="images in the grid")
+    parser.add_argument("--inception-weights", default=None,
+                        help="FID Inception-v3 weights file: rFID instead of rFD_data (a network trained on the data)")
+    parser.add_argument("--feature-cache", default=None,
+                        help="folder caching the network trained on the data (default: DATA_DIR/cache/feature-nets)")
+    parser.add_argument("--feature-steps", type=positive_int, default=None,
+                        help="training steps of that network (default: about 10 epochs, 150-300)")
+    parser.add_argument("--no-rfd", action="store_true", help="skip rFD_data/rFID (and training the data's feature network)")
     ns = parser.parse_args(args)
 
     dm = ImageCaptionDataModule(root=ns.data, data_dir=ns.data_dir, image_size=ns.image_size, batch_size=64)
     dm.prepare_data()
     dm.setup("validate")
     model = AutoencoderKL.from_pretrained(ns.model)
+    network = None if ns.no_rfd else _reconstruction_feature_network(ns)
     with torch.inference_mode():
-        metrics = evaluate_reconstruction(model.vae, DataLoader(dm.val_dataset, batch_size=64), ns.out, ns.num_images)
+        metrics = evaluate_reconstruction(model.vae, DataLoader(dm.val_dataset, batch_size=64), ns.out, ns.num_images, network)
+    rfd = f", {metrics['rfd_label']} {metrics[metrics['rfd_key']]:.4f}" if "rfd_key" in metrics else ""
     print(
-        f"{metrics['images']} validation images: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+        f"{metrics['images']} validation images: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}{rfd}, "
         f"latent scaling factor {float(model.scaling_factor):.4f}"
     )
+    if network is not None and network.kind == "data":
+        print("rFD_data: Frechet distance between the originals and their reconstructions on a network trained on this "
+              "dataset (comparable only with other rFD_data figures on the same data, not with rFID)")
     print(f"Wrote the reconstruction grid (top: originals, bottom: reconstructions) to {ns.out}")
+
+
+def _reconstruction_feature_network(ns: argparse.Namespace):
+    from ldm.evaluation.data_features import DataFeatureSettings
+    from ldm.evaluation.eval_data import DEFAULT_FEATURE_CACHE, evaluation_dataset
+    from ldm.evaluation.feature_networks import build_feature_network
+
+    if ns.inception_weights is not None:
+        return build_feature_network(None, ns.inception_weights)
+    cache = ns.feature_cache if ns.feature_cache is not None else str(Path(ns.data_dir) / DEFAULT_FEATURE_CACHE)
+    settings = DataFeatureSettings.for_image_size(ns.image_size, steps=ns.feature_steps)
+    return build_feature_network(evaluation_dataset(ns.data, ns.data_dir, ns.image_size), cache_dir=cache, settings=settings)
 
 
 def _add_loading_args(parser: argparse.ArgumentParser) -> None:
@@ -291,9 +316,18 @@ def _evaluate_main(args: list[str]) -> None:
     mirrored.add_argument("--seed", type=int, default=0, help="first seed (shared by the mirrored and normal prompt of a digit)")
     mirrored.add_argument("--batch-size", type=positive_int, default=100, help="images per pipeline call")
     mirrored.add_argument("--grid", default="outputs/mirrored_samples.png", help="PNG grid: mirrored prompts' rows, then normal")
+    _add_quality_parser(sub)
     ns = parser.parse_args(args)
 
-    pipe = _load_pipeline(ns)
+    device = None
+    if ns.task == "quality":
+        import torch
+
+        device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = _load_pipeline(ns, device)
+    if ns.task == "quality":
+        _evaluate_quality(ns, pipe)
+        return
     if ns.task == "mirrored":
         import json
 
@@ -333,6 +367,50 @@ def _evaluate_main(args: list[str]) -> None:
     print(f"Wrote the sample grid (row d: 'a handwritten digit d') to {ns.out}")
 
 
+def _add_quality_parser(sub) -> None:
+    quality = sub.add_parser("quality", help="FD/KID on a network trained on the data (FID/KID/IS with --inception-weights) "
+                             "and CLIP score, of samples drawn from a dataset's captions, against its real images")
+    quality.add_argument("--model", required=True, help="the model (any layout ldm generate loads)")
+    _add_loading_args(quality)
+    quality.add_argument("--data", required=True, help="dataset folder or built-in name: its captions prompt, its images compare")
+    quality.add_argument("--data-dir", default="data", help="where built-in datasets live")
+    _add_sampling_args(quality)
+    quality.add_argument("--num-samples", type=positive_int, default=200, help="samples, and real images they are compared with")
+    quality.add_argument("--seed", type=int, default=0, help="seed of the real-image choice; sample i gets seed + i")
+    quality.add_argument("--batch-size", type=positive_int, default=50, help="images per pipeline call")
+    quality.add_argument("--image-size", type=positive_int, default=None, help="sample and real image size (default: the model's)")
+    quality.add_argument("--inception-weights", default=None,
+                         help="FID Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth): figures become FID/KID/IS")
+    quality.add_argument("--clip-model", default=None, help="CLIPModel folder or hub name for the CLIP score")
+    quality.add_argument("--feature-cache", default=None,
+                         help="folder caching the network trained on the data (default: DATA_DIR/cache/feature-nets)")
+    quality.add_argument("--feature-steps", type=positive_int, default=None,
+                         help="training steps of that network (default: about 10 epochs, 150-300)")
+    quality.add_argument("--json", default=None, help="write the figures (and prompts) to this JSON file")
+    quality.add_argument("--grid", default=None, help="PNG grid: up to 32 samples, then the real images of their captions")
+    quality.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _evaluate_quality(ns: argparse.Namespace, pipe) -> None:
+    import json
+
+    from ldm.evaluation.quality import evaluate_model_quality, format_quality_table
+
+    result = evaluate_model_quality(pipe, ns.data, ns.data_dir, ns.num_samples, ns.steps, ns.guidance, ns.sampler, ns.seed,
+                                    ns.batch_size, ns.image_size, ns.inception_weights, ns.clip_model, ns.feature_cache, ns.grid,
+                                    ns.feature_steps)
+    result = {"model": ns.model, "lora": ns.lora, **result}
+    print(f"{ns.model} on {result['data']} ({result['dataset_images']} images): {ns.num_samples} samples "
+          f"({ns.sampler}, {ns.steps} steps, guidance {ns.guidance}, seed {ns.seed}, {result['image_size']} px)")
+    print(format_quality_table(result))
+    if ns.grid:
+        print(f"Wrote the grid (samples, then the real images of their captions) to {ns.grid}")
+    if ns.json:
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps(result, indent=1))
+        print(f"Wrote {ns.json}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ldm`` console script (``--debug`` anywhere: tracebacks instead of one-line errors)."""
     from ldm.threads import apply_thread_policy
@@ -367,11 +445,12 @@ def _dispatch(args: list[str]) -> None:
             "       ldm data prepare {digits,mirrored_digits,shapes} --out DIR  write a bundled dataset\n"
             "       ldm data tokenizer ROOT --out DIR                      train a CLIP-style tokenizer on captions\n"
             "       ldm data encode SRC --vae MODEL --out DIR              precompute VAE latents (+ text embeddings)\n"
-            "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM + grid\n"
+            "       ldm reconstruct --model DIR [--data digits]            autoencoder PSNR/SSIM/rFD + grid\n"
             "       ldm generate PROMPT --model DIR [--steps 25 --seed 0]  text-to-image (img2img/inpainting: --init-image, --mask)\n"
             "       ldm convert SRC DST --to ldm|diffusers|sd              convert between model formats\n"
             "       ldm evaluate digits --model DIR [--steps 20]           prompt accuracy of the digits demo\n"
             "       ldm evaluate mirrored --model DIR [--lora FILE]        'a mirrored digit N': digit + orientation accuracy\n"
+            "       ldm evaluate quality --model DIR --data DATA           FD/KID (FID/KID/IS, CLIP score) of samples vs the data\n"
             "       --debug (any command)                                  show tracebacks instead of one-line errors",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )

@@ -19,9 +19,9 @@ ALLOWED = {
     "diffusion": set(),
     "data": set(),
     "formats": {"nn", "diffusion"},
-    "models": {"nn", "diffusion", "data", "formats"},
-    "pipeline": {"nn", "diffusion", "data", "formats"},
     "evaluation": {"nn", "diffusion", "data", "formats"},
+    "models": {"nn", "diffusion", "data", "formats", "evaluation"},  # the QualityMetrics callback
+    "pipeline": {"nn", "diffusion", "data", "formats"},
 }
 
 

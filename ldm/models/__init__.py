@@ -5,7 +5,8 @@ from ldm.models.callbacks import SavePretrained
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.nonfinite_loss import NonFiniteLossError
 from ldm.models.preemption import PreemptionCheckpoint, PreemptionExit
+from ldm.models.quality_callback import QualityMetrics
 from ldm.models.rank_failure import RankFailureExit
 
 __all__ = ["AutoencoderKL", "LatentDiffusion", "NonFiniteLossError", "PreemptionCheckpoint", "PreemptionExit",
-           "RankFailureExit", "SavePretrained"]
+           "QualityMetrics", "RankFailureExit", "SavePretrained"]

@@ -1,0 +1,42 @@
+"""Run by tests/models/test_quality_callback.py: 2-process CPU DDP (gloo) fit of a tiny LatentDiffusion with the
+QualityMetrics callback and a ModelCheckpoint monitoring its figure. Each rank writes what it logged to OUT/rank{r}.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_ldm_assets, tiny_ldm_kwargs  # noqa: E402
+
+from ldm.data import ImageCaptionDataModule  # noqa: E402
+from ldm.models import LatentDiffusion, QualityMetrics  # noqa: E402
+
+
+def main(out: Path) -> None:
+    assets_dir = out / "assets"
+    if not (assets_dir / "vae" / "config.json").exists():  # rank 0 runs first; rank 1 is launched after
+        make_ldm_assets(assets_dir)
+    assets = {"data": assets_dir / "data", "vae": assets_dir / "vae", "tokenizer": assets_dir / "tokenizer"}
+    pl.seed_everything(0)
+    model = LatentDiffusion(**tiny_ldm_kwargs(assets, validation={"prompts": []}))
+    quality = QualityMetrics(num_samples=4, steps=2, feature_cache=str(out / "cache"), feature_steps=10)
+    best = ModelCheckpoint(dirpath=out / "ckpt", monitor="val/fd_data", mode="min", save_top_k=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=2,
+                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=out, callbacks=[quality, best])
+    trainer.fit(model, datamodule=ImageCaptionDataModule(root=str(assets["data"]), batch_size=4, val_fraction=0.25))
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and k != "val/loss"}
+    info = {"logged": logged, "best_score": float(best.best_model_score), "rank": trainer.global_rank}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]))
