@@ -24,6 +24,7 @@ from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.text_encoder import TextEncoder
+from ldm.nn.speedups import CudaGraphSteps, compile_in_place, to_channels_last, uses_cuda_graphs
 from ldm.nn.unet import UNetModel
 from ldm.pipeline.checks import (DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS, check_batch, check_finite, check_finite_output,
                                  check_size)
@@ -56,6 +57,7 @@ class LatentDiffusionPipeline:
         self.vae_tile_size: int | None = None
         # The model's timestep layout and final-step settings (SD: steps_offset 1, DDIM ends at alphas_cumprod[0]).
         self.sampler_config = sampler_config
+        self.compile_mode: str | None = None  # set by compile()
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -143,6 +145,32 @@ class LatentDiffusionPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    # ------------------------------------------------------------------ speed
+    def compile(self, mode: str = "default", backend: str = "inductor", fullgraph: bool = False,
+                dynamic: bool | None = None) -> "LatentDiffusionPipeline":
+        """``torch.compile`` the UNet forward that the samplers call, in place (``nn.Module.compile``: saving and
+        LoRA loading are unchanged); the next generation compiles, and a new image size or batch recompiles.
+
+        Args:
+            mode: ``default``, ``reduce-overhead`` (also captures CUDA graphs of the UNet call: least launch overhead
+                per sampler step on a GPU), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
+            backend: ``inductor``; ``eager``/``aot_eager`` only trace (tests, debugging).
+            fullgraph: Fail on a graph break (the UNet compiles to one graph).
+            dynamic: ``torch.compile``'s ``dynamic`` (None: sizes become dynamic once a second one is seen).
+
+        On a GPU this is faster (published for SD 1.5 at 512 px on an A100: 31 -> 47 it/s with channels_last); on a
+        CPU the first call takes minutes to compile and the sampler runs about as fast as without.
+        """
+        compile_in_place(self.unet, mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        self.compile_mode = mode
+        return self
+
+    def to_channels_last(self) -> "LatentDiffusionPipeline":
+        """Store the UNet's convolution weights in channels_last (NHWC) layout, which tensor-core GPUs run faster in
+        half precision; the same outputs within float round-off, and saving writes the usual layout."""
+        to_channels_last(self.unet)
+        return self
 
     # ------------------------------------------------------------------ memory
     def enable_attention_slicing(self, chunk_size: int | None = 1024) -> None:
@@ -317,6 +345,8 @@ class LatentDiffusionPipeline:
 
     def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise, extra=None):
         unet = self.unet if extra is None else _WithExtraChannels(self.unet, extra)
+        if uses_cuda_graphs(self.compile_mode):
+            unet = CudaGraphSteps(unet)
         guided = guided_denoiser(unet, context, uncond, scale, rescale)
         if latent_mask is None or extra is not None:  # an inpainting UNet sees the known region itself
             return guided
