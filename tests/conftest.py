@@ -63,6 +63,13 @@ def make_ldm_assets(root: Path) -> dict[str, Path]:
     return {"data": data, "vae": root / "vae", "tokenizer": Path(tokenizer)}
 
 
+def ddp_ldm_assets(root: Path) -> dict[str, Path]:
+    """`make_ldm_assets` for a DDP test script: rank 0 runs first and builds them; rank 1, launched after, reuses them."""
+    if not (root / "vae" / "config.json").exists():
+        make_ldm_assets(root)
+    return {"data": root / "data", "vae": root / "vae", "tokenizer": root / "tokenizer"}
+
+
 def tiny_ldm_kwargs(assets: dict[str, Path], **overrides) -> dict:
     """LatentDiffusion arguments of a tiny model; a group given as a dict (``validation={"steps": 2}``) updates only
     those fields of the group."""

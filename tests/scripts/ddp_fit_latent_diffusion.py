@@ -10,17 +10,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_ldm_assets, tiny_ldm_kwargs  # noqa: E402
+from conftest import ddp_ldm_assets, tiny_ldm_kwargs  # noqa: E402
 
 from ldm.data import ImageCaptionDataModule  # noqa: E402
 from ldm.models import LatentDiffusion  # noqa: E402
 
 
 def main(out: Path) -> None:
-    assets_dir = out / "assets"
-    if not (assets_dir / "vae" / "config.json").exists():  # rank 0 runs first; rank 1 is launched after
-        make_ldm_assets(assets_dir)
-    assets = {"data": assets_dir / "data", "vae": assets_dir / "vae", "tokenizer": assets_dir / "tokenizer"}
+    assets = ddp_ldm_assets(out / "assets")
     pl.seed_everything(0)
     model = LatentDiffusion(**tiny_ldm_kwargs(assets, cache_dir=str(out / "cache")))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_val_batches=1,

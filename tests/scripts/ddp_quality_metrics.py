@@ -11,17 +11,14 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_ldm_assets, tiny_ldm_kwargs  # noqa: E402
+from conftest import ddp_ldm_assets, tiny_ldm_kwargs  # noqa: E402
 
 from ldm.data import ImageCaptionDataModule  # noqa: E402
 from ldm.models import LatentDiffusion, QualityMetrics  # noqa: E402
 
 
 def main(out: Path) -> None:
-    assets_dir = out / "assets"
-    if not (assets_dir / "vae" / "config.json").exists():  # rank 0 runs first; rank 1 is launched after
-        make_ldm_assets(assets_dir)
-    assets = {"data": assets_dir / "data", "vae": assets_dir / "vae", "tokenizer": assets_dir / "tokenizer"}
+    assets = ddp_ldm_assets(out / "assets")
     pl.seed_everything(0)
     model = LatentDiffusion(**tiny_ldm_kwargs(assets, validation={"prompts": []}))
     quality = QualityMetrics(num_samples=4, steps=2, feature_cache=str(out / "cache"), feature_steps=10)
