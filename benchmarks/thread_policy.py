@@ -8,11 +8,12 @@ pure-Python busy loop, i.e. one core taken, like a test run or a second job):
 
 - ``default``: torch's defaults (as many threads as cores, OpenMP's spin-then-sleep waiting);
 - ``passive``: the same threads with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once);
+- ``spin-10k``: GNU OpenMP's ``GOMP_SPINCOUNT=10000`` (spin briefly, then sleep; the default spins 300,000 times);
 - ``one-thread``: ``OMP_NUM_THREADS=1``.
 
 Prints median ms/step per policy and condition, and each policy's slowdown when the machine is busy.
 
-    .venv/bin/python benchmarks/thread_policy.py [--steps 30]
+    .venv/bin/python benchmarks/thread_policy.py [--steps 20]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 POLICIES = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin-10k": {"GOMP_SPINCOUNT": "10000"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
 
@@ -54,7 +56,7 @@ print(json.dumps({"ms": 1000 * statistics.median(times), "threads": torch.get_nu
 
 
 def run_child(policy: dict[str, str], steps: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")}
     env.update(policy)
     out = subprocess.run([sys.executable, "-c", CHILD, str(steps)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -62,7 +64,7 @@ def run_child(policy: dict[str, str], steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement (after 3 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}")
     results: dict[str, dict[str, float]] = {name: {} for name in POLICIES}
