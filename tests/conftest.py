@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ldm.threads import apply_thread_policy
 
-apply_thread_policy()  # OpenMP threads sleep while waiting (before torch loads): tests stay fast on a busy machine
+apply_thread_policy()  # before torch loads: on a busy machine OpenMP threads sleep while waiting (ldm/threads.py)
 
 import json  # noqa: E402
 from pathlib import Path
