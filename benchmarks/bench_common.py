@@ -6,6 +6,7 @@ put this folder on ``sys.path`` however they are run.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -16,6 +17,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+
+
+def parser_from_doc(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` shows a script's docstring: its first line, then the rest as written."""
+    head, _, rest = doc.partition("\n")
+    return argparse.ArgumentParser(description=head, epilog=rest.lstrip("\n"),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def cpu_model() -> str:

@@ -18,7 +18,6 @@ Data loading runs in the main process (``num_workers`` 0, ``--workers`` changes 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -33,7 +32,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this file is run
-from bench_common import machine_line  # noqa: E402
+from bench_common import machine_line, parser_from_doc  # noqa: E402
 from unet_pair import DEMO_UNET  # noqa: E402
 
 CASES = {"trained-text": True, "frozen-text": False}  # name: train_text_encoder
@@ -118,8 +117,7 @@ def run(assets: dict[str, str], train_text: bool, cache_dir: str | None, steps: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="(default: both)")
     parser.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the count (default 5)")

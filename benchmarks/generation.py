@@ -20,7 +20,6 @@ Models (random weights unless named):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this file is run
-from bench_common import machine_line  # noqa: E402
+from bench_common import machine_line, parser_from_doc  # noqa: E402
 from unet_pair import DEMO_UNET, SD_SHAPED_SMALL, randomize_  # noqa: E402
 
 from ldm.diffusion import NoiseSchedule, SamplerConfig  # noqa: E402
@@ -88,8 +87,7 @@ def load_both(folder: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--models", nargs="+", choices=[*RANDOM_MODELS, "demo"], default=[*RANDOM_MODELS, "demo"],
                         help="what to run (default: all; demo only where --demo exists)")
     parser.add_argument("--demo", default="checkpoints/demo", help="the trained demo model folder (default checkpoints/demo)")

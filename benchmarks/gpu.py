@@ -27,7 +27,6 @@ latents; diffusers runs SD 1.5 at 512 px at ~31 it/s on an A100 (SDPA, fp16) and
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this file is run
-from bench_common import machine_line, synchronize  # noqa: E402
+from bench_common import machine_line, parser_from_doc, synchronize  # noqa: E402
 
 from ldm.nn.configs import UNetConfig  # noqa: E402
 
@@ -194,8 +193,7 @@ def generation_run(config: UNetConfig, size: int, mode: str | None, args, device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only with --quick, to check the code")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny UNet, tiny latents, 2 steps, compile backend aot_eager: checks the code runs")

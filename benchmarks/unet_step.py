@@ -28,7 +28,6 @@ its figures mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this file is run
-from bench_common import interleaved_times, machine_line, median_ms, print_side_by_side, top_ops  # noqa: E402
+from bench_common import interleaved_times, machine_line, median_ms, parser_from_doc, print_side_by_side, top_ops  # noqa: E402
 from unet_pair import DEMO_UNET, SD_SHAPED_SMALL, build_pair, n_params, unet_inputs  # noqa: E402
 
 CASES = {  # name: (config, latent size, batch)
@@ -101,8 +100,7 @@ def max_output_diff(ours: torch.nn.Module, theirs: torch.nn.Module, inputs: tupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="model sizes (default: all)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time (default: all)")
     parser.add_argument("--repeats", type=int, default=None,

@@ -11,8 +11,8 @@ So the ``ldm`` command (and the test suite) look before torch loads: `busy_cores
 for a quarter of a second, while this process is idle, and if other processes keep at least half a core
 busy, `apply_thread_policy` sets ``OMP_WAIT_POLICY=PASSIVE`` and says so on stderr. OpenMP reads the
 variable once, when torch loads its runtime, so the decision holds for the whole run. A value already in
-the environment is kept (``OMP_WAIT_POLICY=ACTIVE`` or ``PASSIVE`` chooses); without ``/proc/stat`` nothing
-is changed. Python code that imports torch itself can set the variable before importing it.
+the environment is kept (``OMP_WAIT_POLICY=ACTIVE`` or ``PASSIVE`` chooses); with ``OMP_NUM_THREADS=1`` (no
+thread waits for another) or without ``/proc/stat`` nothing is probed or changed. Python code that imports torch itself can set the variable before importing it.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def busy_cores(interval: float = 0.25) -> float | None:
 
 def apply_thread_policy(probe: Callable[[], float | None] | None = None) -> bool:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep the CPUs busy (``probe()`` >= `BUSY_THRESHOLD`
-    cores), unless the variable is set or torch is already loaded; True if it was set."""
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
-        return False
+    cores), unless the variable is set, torch is already loaded or ``OMP_NUM_THREADS=1``; True if it was set."""
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules or os.environ.get("OMP_NUM_THREADS") == "1":
+        return False  # the user chose, too late to choose, or one thread: nothing waits at a barrier
     busy = (probe or busy_cores)()
     if busy is None or busy < BUSY_THRESHOLD:
         return False

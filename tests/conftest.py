@@ -70,6 +70,21 @@ def ddp_ldm_assets(root: Path) -> dict[str, Path]:
     return {"data": root / "data", "vae": root / "vae", "tokenizer": root / "tokenizer"}
 
 
+def fit_two_rank_ddp(model, out: Path, assets: dict[str, Path], **trainer_kwargs):
+    """Fit ``model`` for 2 epochs on the assets' data in a 2-process CPU DDP (gloo) run without a logger, progress bar or
+    sanity check (one validation batch); ``trainer_kwargs`` add to or replace those settings. Returns the Trainer."""
+    import lightning.pytorch as pl
+
+    from ldm.data import ImageCaptionDataModule
+
+    settings = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_val_batches=1,
+                    num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=out)
+    trainer = pl.Trainer(**{**settings, **trainer_kwargs})
+    trainer.fit(model, datamodule=ImageCaptionDataModule(root=str(assets["data"]), batch_size=4, val_fraction=0.25))
+    return trainer
+
+
 def tiny_ldm_kwargs(assets: dict[str, Path], **overrides) -> dict:
     """LatentDiffusion arguments of a tiny model; a group given as a dict (``validation={"steps": 2}``) updates only
     those fields of the group."""

@@ -24,7 +24,7 @@ PROBE = (
 
 
 def _run(code: str, **env_overrides: str) -> tuple[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update(env_overrides)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -38,6 +38,10 @@ def test_busy_machine_makes_the_ldm_command_use_passive_waiting_and_say_so():
 
 def test_idle_machine_keeps_torchs_default():
     assert _run(PROBE.format(busy=0.1))[0] == "None"
+
+
+def test_one_thread_is_left_alone():
+    assert _run(PROBE.format(busy=1.0), OMP_NUM_THREADS="1")[0] == "None"
 
 
 def test_users_choice_is_kept():

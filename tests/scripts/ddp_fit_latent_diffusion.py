@@ -10,9 +10,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ddp_ldm_assets, tiny_ldm_kwargs  # noqa: E402
+from conftest import ddp_ldm_assets, fit_two_rank_ddp, tiny_ldm_kwargs  # noqa: E402
 
-from ldm.data import ImageCaptionDataModule  # noqa: E402
 from ldm.models import LatentDiffusion  # noqa: E402
 
 
@@ -20,10 +19,7 @@ def main(out: Path) -> None:
     assets = ddp_ldm_assets(out / "assets")
     pl.seed_everything(0)
     model = LatentDiffusion(**tiny_ldm_kwargs(assets, cache_dir=str(out / "cache")))
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_val_batches=1,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=out)
-    trainer.fit(model, datamodule=ImageCaptionDataModule(root=str(assets["data"]), batch_size=4, val_fraction=0.25))
+    trainer = fit_two_rank_ddp(model, out, assets, enable_checkpointing=False)
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
     info = {"global_step": trainer.global_step, "world_size": trainer.world_size, "checksum": checksum,
             "train_batches": trainer.num_training_batches}

@@ -11,9 +11,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ddp_ldm_assets, tiny_ldm_kwargs  # noqa: E402
+from conftest import ddp_ldm_assets, fit_two_rank_ddp, tiny_ldm_kwargs  # noqa: E402
 
-from ldm.data import ImageCaptionDataModule  # noqa: E402
 from ldm.models import LatentDiffusion, QualityMetrics  # noqa: E402
 
 
@@ -23,10 +22,7 @@ def main(out: Path) -> None:
     model = LatentDiffusion(**tiny_ldm_kwargs(assets, validation={"prompts": []}))
     quality = QualityMetrics(num_samples=4, steps=2, feature_cache=str(out / "cache"), feature_steps=10)
     best = ModelCheckpoint(dirpath=out / "ckpt", monitor="val/fd_data", mode="min", save_top_k=1)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=2,
-                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=out, callbacks=[quality, best])
-    trainer.fit(model, datamodule=ImageCaptionDataModule(root=str(assets["data"]), batch_size=4, val_fraction=0.25))
+    trainer = fit_two_rank_ddp(model, out, assets, limit_train_batches=2, callbacks=[quality, best])
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and k != "val/loss"}
     info = {"logged": logged, "best_score": float(best.best_model_score), "rank": trainer.global_rank}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
