@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/ldm reconstruct --model checkpoints/digits-vae --data data/digits --out outputs/digits_vae_reconstructions.png
 	$(BIN)/ldm data tokenizer digits --out checkpoints/digits-tokenizer
 	$(BIN)/ldm fit --config configs/diffusion/digits.yaml
-	$(BIN)/ldm evaluate digits --model checkpoints/demo --steps 20 --guidance 5 --out outputs/demo_samples.png
+	$(BIN)/ldm evaluate digits --model checkpoints/demo --steps 20 --guidance 3 --out outputs/demo_samples.png
 
 finetune-demo: $(STAMP)
 	test -f checkpoints/demo/model_index.json || { echo "run make demo first (it writes checkpoints/demo)"; exit 1; }

@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="checkpoints/demo", help="exported demo model (make demo writes it)")
     parser.add_argument("--per-digit", type=int, default=20, help="samples per digit (x10 per configuration)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3, the demo's)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="samplers")
     parser.add_argument("--reference-steps", type=int, default=1000, help="DDPM steps of the reference row (0: none)")
