@@ -5,8 +5,9 @@ of every frozen weight (for SD 1.5, 3.4 GB in fp32) averaging numbers that never
 whole averaged module, so a slim LoRA checkpoint is no longer slim. `TrainableEMA` keeps one fp32 shadow of each
 parameter that requires a gradient (the adapters; the whole UNet in a full fine-tune) and nothing else.
 
-- After every optimiser step (not on accumulation micro-batches, nor on a step skipped for a non-finite loss) each
-  shadow moves towards its weight by ``1 - d``, with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates: the
+- After every optimiser step (not on gradient-accumulation micro-batches; a step skipped for a non-finite loss counts,
+  its weights unchanged, as ``ldm.models.nonfinite_loss`` keeps the global step going) each shadow moves towards its
+  weight by ``1 - d``, with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates: the
   ramp (as in diffusers' EMA) makes the average follow the weights early on, so that a decay whose horizon
   ``1 / (1 - decay)`` is longer than the run still ends near trained weights instead of the initial ones.
 - Validation (its loss and sample images) runs on the averaged weights, then training continues on its own.
@@ -74,7 +75,7 @@ class TrainableEMA(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._last_step:  # no optimiser step: accumulating, or a skipped non-finite step
+        if step == self._last_step:  # no optimiser step: a gradient-accumulation micro-batch
             return
         self._last_step = step
         trained = self._trained(pl_module)

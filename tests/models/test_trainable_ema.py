@@ -154,3 +154,10 @@ def test_lora_checkpoint_stays_slim_and_the_export_is_the_average(tmp_path):
     assert any(float(v.abs().max()) > 0 for v in lora_b)  # the adapters moved from their zero start
     total = sum(float(v.double().sum()) for v in exported.values())
     assert total == pytest.approx(sum(float(model.state_dict()[k].double().sum()) for k in ema._shadow), rel=1e-6)
+
+
+def test_one_update_per_optimiser_step_under_gradient_accumulation(tmp_path):
+    pl.seed_everything(0)
+    ema = TrainableEMA(decay=0.9)
+    _trainer(tmp_path, 3, [ema], limit_val_batches=0, accumulate_grad_batches=2).fit(Toy(), _loader())
+    assert ema.updates == 3
