@@ -86,6 +86,7 @@ def _plot(rows: list[dict], reference: dict | None, out: Path, args) -> None:
     ax_fd.axhline(rows[0]["fd_floor"], color="grey", ls=":", lw=1, label="real-vs-real floor")
     for ax, label in ((ax_fd, "FD_digits (lower is better)"), (ax_acc, "prompt accuracy (%)")):
         ax.set_xscale("log")
+        ax.minorticks_off()  # only the step counts as tick labels
         ax.set_xticks(args.steps, [str(s) for s in args.steps])
         ax.set_xlabel("sampler steps")
         ax.set_ylabel(label)
