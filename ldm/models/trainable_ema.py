@@ -45,6 +45,7 @@ class TrainableEMA(pl.Callback):
         self.updates = 0
         self._last_step = -1
         self._shadow: dict[str, torch.Tensor] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}  # the trained parameters, found once at fit start
         self._restored: dict[str, torch.Tensor] | None = None
         self._swapped = False
 
@@ -68,6 +69,7 @@ class TrainableEMA(pl.Callback):
             raise ValueError(f"TrainableEMA: the checkpoint's average lacks {len(missing)} trained parameters, e.g. "
                              f"{missing[:3]}; it was written for another model or LoRA setting")
         self._shadow = {n: source[n].detach().to(device=p.device, dtype=torch.float32).clone() for n, p in trained.items()}
+        self._params = trained
         self._restored = None
         self._last_step = trainer.global_step
 
@@ -78,21 +80,19 @@ class TrainableEMA(pl.Callback):
         if step == self._last_step:  # no optimiser step: a gradient-accumulation micro-batch
             return
         self._last_step = step
-        trained = self._trained(pl_module)
         if step <= self.start_step:
             for name, shadow in self._shadow.items():
-                shadow.copy_(trained[name].detach())
+                shadow.copy_(self._params[name].detach())
             return
         d = self.current_decay()
         for name, shadow in self._shadow.items():
-            shadow.lerp_(trained[name].detach().to(torch.float32), 1.0 - d)
+            shadow.lerp_(self._params[name].detach().to(torch.float32), 1.0 - d)
         self.updates += 1
 
     def _swap(self, pl_module: pl.LightningModule) -> None:
-        trained = self._trained(pl_module)
         with torch.no_grad():
             for name, shadow in self._shadow.items():
-                weight = trained[name]
+                weight = self._params[name]
                 held = weight.detach().clone()
                 weight.copy_(shadow.to(weight.dtype))
                 shadow.copy_(held.to(torch.float32))
@@ -109,14 +109,12 @@ class TrainableEMA(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped:
             self._swap(pl_module)
-        trained = self._trained(pl_module)
         with torch.no_grad():
             for name, shadow in self._shadow.items():
-                trained[name].copy_(shadow.to(trained[name].dtype))
+                self._params[name].copy_(shadow.to(self._params[name].dtype))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "start_step": self.start_step, "updates": self.updates,
-                "shadow": {n: t.detach().cpu() for n, t in self._shadow.items()}}
+        return {"updates": self.updates, "shadow": {n: t.detach().cpu() for n, t in self._shadow.items()}}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if not self._swapped:
