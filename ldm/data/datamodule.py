@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.builtin import BUILTIN_DATASETS, is_prepared, prepare_builtin
@@ -313,6 +314,7 @@ class ImageCaptionDataModule(ResumableTrainData, LatentCacheData, L.LightningDat
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed),  # not a draw from the global RNG per pass
             **extra,
         )
 

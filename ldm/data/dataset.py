@@ -18,8 +18,8 @@ from ldm.data.transforms import CROP_CHOICES, build_transform  # noqa: F401  (re
 __all__ = ["CROP_CHOICES", "ImageCaptionDataset", "ItemTransforms", "build_transform", "caption_index"]
 
 def caption_index(count: int, train: bool) -> int:
-    """Which of an image's ``count`` captions one access uses: uniformly random in training mode (``torch.randint``,
-    so DataLoader worker seeding applies), the first in eval mode."""
+    """Which of an image's ``count`` captions one access uses: uniformly random in training mode (the global torch RNG,
+    which the training loader seeds per batch from seed, epoch and position), the first in eval mode."""
     if not train or count <= 1:
         return 0
     return int(torch.randint(count, ()).item())
@@ -46,9 +46,9 @@ class ImageCaptionDataset(Dataset):
     """Images with captions, as ``{"image": FloatTensor[3, S, S] in [-1, 1], "text": str,
     "index": int}`` items.
 
-    In training mode each access draws one of the image's captions uniformly with
-    ``torch.randint`` (so DataLoader worker seeding applies); in eval mode the first caption is
-    always used. Images without captions give ``""``.
+    In training mode each access draws one of the image's captions uniformly from the global torch
+    RNG (the training loader seeds it per batch from seed, epoch and batch position, so a resumed run
+    draws the same captions); in eval mode the first caption is always used. Images without captions give ``""``.
 
     Args:
         root: Dataset folder that record paths are relative to.

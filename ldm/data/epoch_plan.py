@@ -13,6 +13,11 @@ skips exactly those and sees the very batches the uninterrupted run would have s
 size; on another, the count is rounded down to a multiple of the new one, re-showing at most ``W - 1``
 batches). With ``chunk_sizes`` (streaming shards) the shuffle keeps reads local: chunk order is shuffled,
 then items are shuffled within windows of a few consecutive chunks.
+
+What an item draws while it is loaded (the caption among an image's captions, a random crop or flip) comes from the
+global torch RNG, which :class:`PlannedBatches` seeds for each batch from ``(seed, epoch, global batch position)``
+and restores afterwards: a batch is the same whichever worker loads it, whether the run was resumed, and loading it
+leaves the training process's RNG untouched.
 """
 
 from __future__ import annotations
@@ -31,13 +36,19 @@ __all__ = ["EpochPlan", "PlannedBatches", "item_groups", "shuffled_order"]
 
 # Multiplier that keeps (seed, epoch, group) streams apart.
 _STREAM = 1_000_003
+# Last part of the seed of a batch's item draws, keeping them apart from the shuffles' (seed, epoch, group) streams.
+_ITEM_DRAWS = 7
 
 
-def _generator(*parts: int) -> torch.Generator:
+def _mixed_seed(*parts: int) -> int:
     seed = 0
     for part in parts:
         seed = (seed * _STREAM + int(part)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return seed
+
+
+def _generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_mixed_seed(*parts))
 
 
 def shuffled_order(items: Sequence[int], generator: torch.Generator, chunk_sizes: Sequence[int] | None = None,
@@ -132,6 +143,12 @@ class EpochPlan:
 
     def rank_batches(self, epoch: int, rank: int, consumed: int = 0) -> list[list[int]]:
         """The batches rank ``rank`` still has to run in ``epoch`` after ``consumed`` global batches."""
+        batches = self.batches(epoch)
+        return [batches[i] for i in self.rank_positions(epoch, rank, consumed)]
+
+    def rank_positions(self, epoch: int, rank: int, consumed: int = 0) -> list[int]:
+        """Positions in the global list of ``epoch``'s batches of those rank ``rank`` still has to run after
+        ``consumed`` global batches."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside [0, {self.world_size})")
         if consumed % self.world_size:
@@ -139,7 +156,7 @@ class EpochPlan:
             log.warning("resuming after %d global batches on %d ranks: restarting at batch %d (a multiple of the world size)",
                         consumed, self.world_size, rounded)
             consumed = rounded
-        return self.batches(epoch)[consumed:][rank :: self.world_size]
+        return list(range(consumed + rank, len(self.batches(epoch)), self.world_size))
 
 
 class PlannedBatches(IterableDataset):
@@ -147,7 +164,8 @@ class PlannedBatches(IterableDataset):
 
     Set ``epoch`` and ``consumed`` (global batches already run in that epoch) before iterating; ``__len__`` is the
     full epoch's number of batches per rank, so a resumed epoch still ends where the uninterrupted one does.
-    ``collate`` turns a list of items into a batch (``default_collate``).
+    ``collate`` turns a list of items into a batch (``default_collate``). Items are loaded with the global torch
+    RNG seeded from ``(plan seed, epoch, batch position)`` and restored after the batch (see the module docstring).
     """
 
     def __init__(self, dataset: Dataset, plan: EpochPlan, rank: int = 0,
@@ -159,9 +177,13 @@ class PlannedBatches(IterableDataset):
         return self.plan.batches_per_rank(self.epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        mine = self.plan.rank_batches(self.epoch, self.rank, self.consumed)
+        batches = self.plan.batches(self.epoch)
+        mine = self.plan.rank_positions(self.epoch, self.rank, self.consumed)
         info = get_worker_info()
         if info is not None:
             mine = mine[info.id :: info.num_workers]
-        for batch in mine:
-            yield self.collate([self.dataset[i] for i in batch])
+        for position in mine:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mixed_seed(self.plan.seed, self.epoch, position, _ITEM_DRAWS))
+                items = [self.dataset[i] for i in batches[position]]
+            yield self.collate(items)

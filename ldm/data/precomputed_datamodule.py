@@ -144,4 +144,4 @@ class PrecomputedLatentsDataModule(ResumableTrainData, L.LightningDataModule):
             return self.planned_loader(self.val_dataset, item_groups(self.val_dataset), self.val_batch_size,
                                        self.num_workers, self.pin_memory, validation=True)
         return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.seed))

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is the exact number of
 # batches this rank runs (the workers split those batches, they do not each yield them all).
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+# Lightning warns that a mid-epoch checkpoint's dataloader "is not resumable" when the loader itself has no state_dict;
+# ours resumes through the DataModule's state (above), which the test suite checks batch for batch.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 __all__ = ["PlannedLoader", "ResumableTrainData", "world"]
 
@@ -76,7 +79,10 @@ class ResumableTrainData:
         plan = EpochPlan(groups, batch_size, seed=self.seed, world_size=world_size, chunk_sizes=chunk_sizes,
                          shuffle=not validation, drop_last=not validation)
         start = (lambda: (0, 0)) if validation else self._start_pass
-        return PlannedLoader(PlannedBatches(dataset, plan, rank, collate), start, num_workers=num_workers, pin_memory=pin_memory)
+        # Its own generator for the workers' base seed, which DataLoader would otherwise draw from the global RNG
+        # each pass (a resumed run would then continue that RNG one draw off).
+        return PlannedLoader(PlannedBatches(dataset, plan, rank, collate), start, num_workers=num_workers, pin_memory=pin_memory,
+                             generator=torch.Generator().manual_seed(self.seed))
 
     def _start_pass(self) -> tuple[int, int]:
         if self._resume is not None:

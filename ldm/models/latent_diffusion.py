@@ -352,8 +352,9 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
 
     # ----------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The data order and per-image caption choice draw from the global RNG; keep it so a resumed
-        # run continues with the same batches (our own noise uses per-step generators).
+        # Our noise, timesteps and caption dropout use per-step generators and the data loader seeds its own
+        # draws per batch; what else draws from the global RNG (dropout layers, e.g. LoRA dropout) continues
+        # from here on resume.
         checkpoint["ldm_rng_state"] = torch.get_rng_state()
         image_size = getattr(self.trainer.datamodule, "image_size", None)
         if image_size:  # the sample size of a pipeline loaded from this .ckpt, whatever the DataModule

@@ -62,6 +62,38 @@ def test_ranks_and_workers_get_disjoint_shares_in_plan_order():
     assert sorted(flat) == list(range(64))  # disjoint and complete across 2 ranks x 2 workers
 
 
+class _Draws:
+    """Items that draw from the global torch RNG while loaded, as a random caption, crop or flip does."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "draw": torch.randint(1_000_000, ())}
+
+
+def test_item_draws_depend_on_seed_epoch_and_position_only():
+    plan = EpochPlan([range(32)], batch_size=2, seed=3)
+
+    def run(consumed: int = 0, workers: int = 0, epoch: int = 1) -> list[tuple[list[int], list[int]]]:
+        batches = PlannedBatches(_Draws(), plan)
+        batches.epoch, batches.consumed = epoch, consumed
+        loader = DataLoader(batches, batch_size=None, num_workers=workers)
+        return [(b["index"].tolist(), b["draw"].tolist()) for b in loader]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    full = run()
+    assert torch.equal(torch.get_rng_state(), before)  # loading left the training process's RNG alone
+    assert run(consumed=5) == full[5:]  # a resumed epoch draws what the straight one drew
+    assert run(workers=2) == full  # whichever worker loads a batch
+    torch.manual_seed(1)
+    assert run() == full  # whatever the global RNG held
+    assert [d for _, d in run(epoch=2)] != [d for _, d in full]  # another epoch draws anew
+    draws = [x for _, d in full for x in d]
+    assert len(set(draws)) == len(draws)  # and items of one epoch do not repeat each other's draws
+
+
 def test_resume_count_and_world_size_change():
     plan = EpochPlan([range(40)], batch_size=2, seed=0, world_size=2)
     full = plan.rank_batches(0, 1)

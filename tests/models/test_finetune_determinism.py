@@ -1,5 +1,7 @@
 """A fine-tune is repeatable: the shipped demo LoRA config, run twice with the same seed on the same machine, writes
-bit-identical adapters, whether the first run builds the latent cache and the second reads it, or neither has one."""
+bit-identical adapters, whether the first run builds the latent cache and the second reads it, or neither has one; and
+a run stopped in the middle of an epoch and resumed with ``--ckpt_path last`` ends with the same adapters as one that
+ran straight through (the images have two captions each, so the caption drawn per item must resume too)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ def tiny_base(tmp_path_factory):
     return folder, assets["data"]
 
 
-def _fit(run_dir: Path, base: Path, data: Path, cache: Path | None, *extra: str) -> dict:
-    run_dir.mkdir(parents=True)
-    args = ["fit", "--config", str(ROOT / "configs" / "finetune" / "demo-lora.yaml"), "--model.init_from", str(base),
+CONFIG = ROOT / "configs" / "finetune" / "demo-lora.yaml"
+
+
+def _fit(run_dir: Path, base: Path, data: Path, cache: Path | None, *extra: str, config: Path = CONFIG) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = ["fit", "--config", str(config), "--model.init_from", str(base),
             "--data.root", str(data), "--data.batch_size", "4", "--data.val_fraction", "0.25",
             "--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
             "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -65,3 +70,19 @@ def test_another_seed_gives_another_adapter(tiny_base, tmp_path):
     first = _fit(tmp_path / "a", base, data, tmp_path / "cache")
     other = _fit(tmp_path / "b", base, data, tmp_path / "cache", "--seed_everything", "1", "--model.seed", "1", "--data.seed", "1")
     assert any(not first[k].equal(other[k]) for k in first)
+
+
+def test_a_run_resumed_mid_epoch_ends_with_the_adapters_of_a_straight_run(tiny_base, tmp_path):
+    import yaml
+
+    base, data = tiny_base
+    config = yaml.safe_load(CONFIG.read_text())
+    (checkpoint,) = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    checkpoint["init_args"]["every_n_train_steps"] = 3  # 18 training images in batches of 4: 4 steps per epoch
+    config_path = tmp_path / "demo-lora.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cache = tmp_path / "cache"
+    straight = _fit(tmp_path / "straight", base, data, cache, config=config_path)
+    _fit(tmp_path / "resumed", base, data, cache, "--trainer.max_steps", "3", config=config_path)
+    resumed = _fit(tmp_path / "resumed", base, data, cache, "--ckpt_path", "last", config=config_path)
+    _assert_identical(straight, resumed)
