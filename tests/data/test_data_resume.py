@@ -78,7 +78,8 @@ def test_item_draws_depend_on_seed_epoch_and_position_only():
     def run(consumed: int = 0, workers: int = 0, epoch: int = 1) -> list[tuple[list[int], list[int]]]:
         batches = PlannedBatches(_Draws(), plan)
         batches.epoch, batches.consumed = epoch, consumed
-        loader = DataLoader(batches, batch_size=None, num_workers=workers)
+        # its own generator for the worker seeds, as ResumableTrainData.planned_loader gives it
+        loader = DataLoader(batches, batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(0))
         return [(b["index"].tolist(), b["draw"].tolist()) for b in loader]
 
     torch.manual_seed(0)
