@@ -1,4 +1,4 @@
-"""``ldm data prepare|tokenizer|encode|optimize``: the dataset subcommands of the ``ldm`` command (ldm/cli.py)."""
+"""``ldm data prepare|tokenizer|encode|optimize|dreambooth``: the dataset subcommands of the ``ldm`` command (ldm/cli.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ def data_main(args: list[str]) -> None:
     opt.add_argument("--val-fraction", type=finite_float(0.0, 1.0), default=0.1, help="validation share, as --data.val_fraction")
     for command in (tok, opt):
         _add_folder_rules(command)
+    _add_dreambooth_parser(sub)
     ns = parser.parse_args(args)
+    if ns.command == "dreambooth":
+        _dreambooth_main(ns)
+        return
     if ns.command == "optimize":
         from ldm.data.shards import optimize_dataset
 
@@ -95,6 +99,41 @@ def _add_encode_parser(sub) -> None:
     enc.add_argument("--bucket-multiple", type=positive_int, default=64, help="bucket sides are multiples of this (as --data.bucket_multiple)")
     enc.add_argument("--bucket-max-ratio", type=finite_float(1.0), default=2.0, help="widest bucket aspect ratio (as --data.bucket_max_ratio)")
     _add_folder_rules(enc)
+
+
+def _add_dreambooth_parser(sub) -> None:
+    db = sub.add_parser(
+        "dreambooth", help="a DreamBooth training folder: instance images under a rare-token prompt + generated class images",
+        description="Write OUT/metadata.jsonl with the instance images (repeated so that they are drawn about as often "
+                    "as the class images) captioned with --instance-prompt, and --num-class-images images the base "
+                    "model generates from --class-prompt (prior preservation; ones already in OUT/class are kept). "
+                    "Then fine-tune on it: ldm fit --config configs/finetune/dreambooth-lora.yaml "
+                    "--model.init_from MODEL --data.root OUT")
+    db.add_argument("--instance-dir", required=True, help="folder with the few images of the new concept")
+    db.add_argument("--instance-prompt", required=True, help="their caption, with a rare token: 'a photo of sks dog'")
+    db.add_argument("--class-prompt", required=True, help="the class without the token: 'a photo of a dog'")
+    db.add_argument("--out", required=True, help="output folder (train on it with --data.root)")
+    db.add_argument("--model", default=None, help="base model that generates the class images (any layout ldm reads)")
+    db.add_argument("--num-class-images", type=non_negative_int, default=100, help="class images (0: no prior preservation)")
+    db.add_argument("--repeats", type=positive_int, default=None,
+                    help="times each instance image appears (default: about as many instance as class images)")
+    db.add_argument("--steps", type=positive_int, default=25, help="sampler steps per class image")
+    db.add_argument("--guidance", type=finite_float(0.0), default=5.0, help="classifier-free guidance of the class images")
+    db.add_argument("--sampler", default="dpmpp_2m", help="sampler of the class images")
+    db.add_argument("--seed", type=int, default=0, help="seed of class image 0 (image i: seed + i)")
+    db.add_argument("--batch-size", type=positive_int, default=4, help="class images per model call")
+    db.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _dreambooth_main(ns: argparse.Namespace) -> None:
+    from ldm.dreambooth import write_dreambooth_set
+
+    made = write_dreambooth_set(ns.instance_dir, ns.out, ns.instance_prompt, ns.class_prompt, model=ns.model,
+                                num_class_images=ns.num_class_images, repeats=ns.repeats, steps=ns.steps,
+                                guidance=ns.guidance, sampler=ns.sampler, seed=ns.seed, batch_size=ns.batch_size,
+                                device=ns.device)
+    print(f"Wrote {made.root}: {made.instance_images} instance images x {made.repeats}, {made.class_images} class images "
+          f"({made.generated} generated). Fine-tune with --data.root {made.root}")
 
 
 def _add_folder_rules(parser: argparse.ArgumentParser) -> None:
