@@ -28,6 +28,7 @@ from torch import nn
 
 from ldm.formats.clip_keys import diffusers_to_transformers_clip_name, transformers_to_diffusers_clip_name
 from ldm.formats.config_files import parse_json_config
+from ldm.formats.kohya_lora import is_kohya_lora, kohya_parts_of, load_kohya_part
 from ldm.formats.unet_keys import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names, unet_config_of
 from ldm.formats.weights import open_safetensors
 from ldm.nn.configs import Config, ConfigError, positive
@@ -205,7 +206,8 @@ def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[s
 
 
 def load_lora(target: nn.Module | object, path: str | Path, scale: float = 1.0) -> None:
-    """Load a diffusers-format LoRA file (as written by :func:`save_lora`) onto a model, in place.
+    """Load a LoRA file onto a model, in place: diffusers' layout (as :func:`save_lora` writes) or kohya's
+    (:mod:`ldm.formats.kohya_lora`; per-layer ranks and alphas, conv layers), told apart by the keys.
 
     Args:
         target: A :class:`UNetModel` (reads the ``unet.`` keys), a :class:`TextEncoder` or
@@ -218,16 +220,21 @@ def load_lora(target: nn.Module | object, path: str | Path, scale: float = 1.0) 
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is not in the diffusers/peft layout or names layers the model lacks.
+        ValueError: If the file is in neither layout or names layers the model lacks.
     """
     path = Path(path)
     tensors, meta = read_lora_file(path)
-    unknown = sorted({k.split(".")[0] for k in tensors} - set(_PREFIXES))
-    if unknown:
-        raise ValueError(
-            f"{path} has keys under {unknown}; expected the diffusers/peft LoRA layout with keys "
-            "'unet.<module>.lora_A.weight' / 'text_encoder.<module>.lora_A.weight' (convert kohya-style files with diffusers first)"
-        )
+    kohya = is_kohya_lora(tensors)
+    if kohya:
+        by_part = kohya_parts_of(tensors, path)
+    else:
+        unknown = sorted({k.split(".")[0] for k in tensors} - set(_PREFIXES))
+        if unknown:
+            raise ValueError(
+                f"{path} has keys under {unknown}; expected the diffusers/peft LoRA layout ('unet.<module>.lora_A.weight', "
+                "'text_encoder.<module>.lora_A.weight') or kohya's ('lora_unet_<module>.lora_down.weight', 'lora_te_...')"
+            )
+        by_part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in _PREFIXES}
     if isinstance(target, UNetModel):
         parts = {"unet": target}
     elif isinstance(target, nn.Module) and not hasattr(target, "unet"):
@@ -239,12 +246,15 @@ def load_lora(target: nn.Module | object, path: str | Path, scale: float = 1.0) 
     snapshots = [LoraSnapshot(module) for module in parts.values() if module is not None]
     try:
         for prefix, module in parts.items():
-            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            sub = by_part.get(prefix)
             if not sub:
                 continue
             if module is None:
                 raise ValueError(f"{path} holds {prefix} adapters but the target has no {prefix}")
-            _load_part(module, sub, meta, prefix, path)
+            if kohya:
+                load_kohya_part(module, sub, prefix, path)
+            else:
+                _load_part(module, sub, meta, prefix, path)
             set_lora_scale(module, scale)
             loaded += 1
     except Exception:

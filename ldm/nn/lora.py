@@ -39,6 +39,8 @@ def add_lora(
     alpha: float | None = None,
     target_modules: Sequence[str] = UNET_TARGETS,
     dropout: float = 0.0,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> nn.Module:
     """Inject LoRA adapters into the layers of ``module`` named by ``target_modules``, in place.
 
@@ -53,6 +55,8 @@ def add_lora(
         alpha: LoRA alpha; the update is scaled by ``alpha / rank``. ``None`` means ``rank`` (scale 1).
         target_modules: Layer names or name suffixes to adapt.
         dropout: Dropout on the LoRA branch input.
+        rank_pattern: Per-layer ranks that differ from ``rank``, keyed like targets (peft's ``rank_pattern``).
+        alpha_pattern: Per-layer alphas that differ from ``alpha``, likewise.
 
     Returns:
         ``module`` itself.
@@ -69,6 +73,8 @@ def add_lora(
         lora_alpha=float(rank if alpha is None else alpha),
         target_modules=list(target_modules),
         lora_dropout=dropout,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern={k: float(v) for k, v in (alpha_pattern or {}).items()},
     )
     try:
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)

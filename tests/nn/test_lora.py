@@ -156,8 +156,8 @@ def test_lora_stays_fp32_under_bf16_base():
 def test_load_rejects_foreign_layout(tmp_path):
     from safetensors.torch import save_file
 
-    path = tmp_path / "kohya.safetensors"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2)}, str(path))
+    path = tmp_path / "foreign.safetensors"  # neither diffusers' layout nor kohya's (tests/nn/test_lora_kohya.py)
+    save_file({"transformer.blocks.0.lora.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match="diffusers/peft LoRA layout"):
         load_lora(base_unet(), path)
     with pytest.raises(FileNotFoundError):
