@@ -142,12 +142,17 @@ def save_lora(
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Tensors and parsed ``lora_adapter_metadata`` (empty dict when absent) of a LoRA ``.safetensors`` file."""
+    """Tensors and parsed ``lora_adapter_metadata`` (empty dict when absent) of a LoRA ``.safetensors`` file (or of
+    the folder's :data:`DIFFUSERS_LORA_FILE`, else of its only ``.safetensors`` file)."""
     path = Path(path)
-    if path.is_dir() and (path / DIFFUSERS_LORA_FILE).is_file():
-        path = path / DIFFUSERS_LORA_FILE
+    if path.is_dir():
+        candidates = [path / DIFFUSERS_LORA_FILE] if (path / DIFFUSERS_LORA_FILE).is_file() else sorted(path.glob("*.safetensors"))
+        if len(candidates) > 1:
+            raise ValueError(f"{path} holds several .safetensors files and no {DIFFUSERS_LORA_FILE}: give the file itself")
+        path = candidates[0] if candidates else path
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist (give the .safetensors file or a folder holding {DIFFUSERS_LORA_FILE})")
+        raise FileNotFoundError(f"LoRA file {path} does not exist (give the .safetensors file, or a folder holding "
+                                f"{DIFFUSERS_LORA_FILE} or a single .safetensors file)")
     with open_safetensors(path) as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -6,7 +6,7 @@ import logging
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import WeightAveraging
@@ -80,6 +80,9 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         lora_text_encoder: Also put adapters on the text encoder's attention projections (then text
             embeddings are not cached).
         lora_dropout: Dropout on the LoRA branch.
+        lora_format: Layout of the exported adapter file: ``diffusers`` (``pytorch_lora_weights.safetensors``, what
+            diffusers' ``load_lora_weights`` reads) or ``kohya`` (``<folder name>.safetensors`` with ``lora_unet_*`` /
+            ``lora_te_*`` keys, what A1111, Forge and ComfyUI load). ``pipe.load_lora`` reads both.
         gradient_checkpointing: Recompute UNet block activations in the backward pass (less memory, ~30% slower).
         compile: ``torch.compile`` the UNet (in place: checkpoints and exports keep their keys) for training and
             validation sampling: ``true`` (mode ``default``) or a mode, ``reduce-overhead`` (CUDA graphs),
@@ -132,6 +135,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         lora_targets: list[str] = list(UNET_TARGETS),  # noqa: B006
         lora_text_encoder: bool = False,
         lora_dropout: float = 0.0,
+        lora_format: Literal["diffusers", "kohya"] = "diffusers",
         gradient_checkpointing: bool = False,
         compile: bool | str = False,
         channels_last: bool = False,
@@ -159,6 +163,8 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
                             unet=None if init_from is not None else unet.to_dict())
         if lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 = full fine-tune)")
+        if lora_format not in ("diffusers", "kohya"):
+            raise ValueError(f"lora_format={lora_format!r}: choose 'diffusers' or 'kohya'")
         if frozen_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"frozen_dtype={frozen_dtype!r}; use 'bf16', 'fp16' or leave it out")
 
@@ -425,6 +431,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         ``tokenizer/``, ``scheduler/``, ``model_index.json``; safetensors and JSON; after ``fit`` with the EMA
         callback the module holds the EMA weights, so those are written). LoRA: only the adapters, as
         ``pytorch_lora_weights.safetensors`` in the folder (diffusers' ``load_lora_weights`` file name and key
-        layout; ``pipe.load_lora`` reads it) plus ``lora_info.json`` naming the base model.
+        layout; ``pipe.load_lora`` reads it), or with ``lora_format="kohya"`` ``<folder name>.safetensors`` in
+        kohya's layout, plus ``lora_info.json`` naming the base model.
         """
         return save_trained(self, path)

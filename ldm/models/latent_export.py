@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ldm.formats.components import ModelComponents
 from ldm.formats.lightning_ckpt import source_vae
 from ldm.formats.load import load_components
+from ldm.formats.kohya_lora import save_kohya_lora
 from ldm.formats.lora_files import DIFFUSERS_LORA_FILE, save_lora
 from ldm.formats.save import save_components
 from ldm.nn.autoencoder import KLAutoencoder
@@ -36,15 +37,19 @@ def whole_vae(model: LatentDiffusion) -> KLAutoencoder:
 
 def save_trained(model: LatentDiffusion, path: str | Path) -> Path:
     """What :meth:`LatentDiffusion.save_pretrained` writes: a LoRA run's adapters (diffusers' file name and key
-    layout) plus ``lora_info.json``, else the whole model as an ldm folder. Returns the file or folder written."""
+    layout, or kohya's with ``lora_format="kohya"``) plus ``lora_info.json``, else the whole model as an ldm folder. Returns the file or folder written."""
     h = model.hparams
     if model.is_lora:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         text = model.text_encoder.model if h.lora_text_encoder else None
-        file = save_lora(folder / DIFFUSERS_LORA_FILE, unet=model.unet, text_encoder=text)
+        layout = getattr(h, "lora_format", "diffusers")
+        if layout == "kohya":
+            file = save_kohya_lora(folder / f"{folder.resolve().name}.safetensors", unet=model.unet, text_encoder=text)
+        else:
+            file = save_lora(folder / DIFFUSERS_LORA_FILE, unet=model.unet, text_encoder=text)
         info = {"base_model": h.init_from, "rank": h.lora_rank, "alpha": h.lora_alpha or h.lora_rank,
-                "text_encoder": h.lora_text_encoder}
+                "text_encoder": h.lora_text_encoder, "format": layout, "file": file.name}
         (folder / "lora_info.json").write_text(json.dumps(info, indent=2) + "\n")
         return file
     parts = ModelComponents(model.unet, whole_vae(model), model.text_encoder, model.schedule, model.prediction_type,

@@ -55,3 +55,35 @@ def test_finetune_config_runs(tmp_path, monkeypatch, tiny_sd_file, config, resul
         assert not any("lora" in k for k in merged.unet.state_dict())
         again = merged("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False).images
         torch.testing.assert_close(again, images, atol=1e-4, rtol=0)
+
+
+def test_lora_fit_exports_kohya_layout_when_asked(tmp_path, monkeypatch, tiny_sd_file):
+    from safetensors import safe_open
+
+    sd_file, data = tiny_sd_file
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs" / "finetune" / "sd-lora.yaml"), "--model.init_from", str(sd_file),
+          "--model.lora_format", "kohya", "--model.lora_text_encoder", "true", "--model.optimizer.learning_rate", "0.01",
+          "--data.root", str(data), "--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
+          "--data.val_fraction", "0.25", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+          "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+          "--model.validation.steps", "2"])
+    folder = tmp_path / "checkpoints" / "sd-lora"
+    assert sorted(p.name for p in folder.iterdir()) == ["lora_info.json", "sd-lora.safetensors"]
+    with safe_open(str(folder / "sd-lora.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert {k.split("_")[1] for k in keys} == {"unet", "te"} and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    pipe = LatentDiffusionPipeline.from_pretrained(sd_file)
+    plain = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False).images
+    pipe.load_lora(folder)  # the folder's only .safetensors file, kohya's layout
+    tuned = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False).images
+    assert (tuned - plain).abs().max() > 1e-4 and torch.isfinite(tuned).all()
+
+
+def test_bad_lora_format_is_refused(tmp_path, monkeypatch, tiny_sd_file, capsys):
+    sd_file, data = tiny_sd_file
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(ROOT / "configs" / "finetune" / "sd-lora.yaml"), "--model.init_from", str(sd_file),
+              "--model.lora_format", "a1111", "--data.root", str(data), "--trainer.max_steps", "1"])
+    assert stop.value.code == 2 and "lora_format" in capsys.readouterr().err
