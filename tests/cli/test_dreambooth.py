@@ -112,3 +112,14 @@ def test_a_corrupt_instance_image_is_named(tiny, tmp_path, capsys):
         main(["data", "dreambooth", "--instance-dir", str(bad), "--instance-prompt", INSTANCE, "--class-prompt", CLASS,
               "--num-class-images", "0", "--out", str(tmp_path / "db")])
     assert "003.png" in capsys.readouterr().err
+
+
+def test_instance_images_inside_the_output_are_refused_not_deleted(tiny, tmp_path, capsys):
+    _, instances = tiny
+    inside = tmp_path / "db" / "instance"
+    shutil.copytree(instances, inside)
+    with pytest.raises(SystemExit):
+        main(["data", "dreambooth", "--instance-dir", str(inside), "--instance-prompt", INSTANCE, "--class-prompt", CLASS,
+              "--num-class-images", "0", "--out", str(tmp_path / "db")])
+    assert "outside --out" in capsys.readouterr().err
+    assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in instances.iterdir())
