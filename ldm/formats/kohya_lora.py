@@ -25,7 +25,7 @@ from torch import nn
 
 from ldm.formats.clip_keys import transformers_to_diffusers_clip_name
 from ldm.formats.unet_keys import ldm_to_diffusers_unet_names, unet_config_of
-from ldm.nn.lora import ADAPTER, add_lora, lora_layers, lora_state_dict, set_lora_state_dict
+from ldm.nn.lora import ADAPTER, add_lora, is_lora_internal, lora_layers, lora_state_dict, set_lora_state_dict
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 
@@ -43,13 +43,9 @@ def is_kohya_lora(tensors: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te")) for k in tensors)
 
 
-def _is_lora_internal(name: str) -> bool:
-    return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
-
-
 def _kohya_names(module: nn.Module, prefix: str) -> dict[str, str]:
     """Our name of every (non-LoRA-internal) module of a UNet / TextEncoder / CLIPTextModel -> its kohya name."""
-    names = [name for name, _ in module.named_modules() if name and not _is_lora_internal(name)]
+    names = [name for name, _ in module.named_modules() if name and not is_lora_internal(name)]
     if isinstance(module, UNetModel):
         paths = ldm_to_diffusers_unet_names(names, unet_config_of(module))
     else:

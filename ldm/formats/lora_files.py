@@ -32,7 +32,7 @@ from ldm.formats.kohya_lora import is_kohya_lora, kohya_parts_of, load_kohya_par
 from ldm.formats.unet_keys import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names, unet_config_of
 from ldm.formats.weights import open_safetensors
 from ldm.nn.configs import Config, ConfigError, positive
-from ldm.nn.lora import LoraSnapshot, add_lora, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
+from ldm.nn.lora import LoraSnapshot, add_lora, is_lora_internal, lora_hparams, lora_layers, lora_state_dict, set_lora_scale, set_lora_state_dict
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 
@@ -45,10 +45,6 @@ _WRAPPER = "model."  # TextEncoder holds its CLIPTextModel as .model
 # ------------------------------------------------------------------------------------------ name maps
 
 
-def _is_lora_internal(name: str) -> bool:
-    return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
-
-
 def unet_module_names_to_diffusers(unet: UNetModel) -> dict[str, str]:
     """Map the modules of ``unet`` (CompVis names) to their diffusers ``UNet2DConditionModel`` names.
 
@@ -56,7 +52,7 @@ def unet_module_names_to_diffusers(unet: UNetModel) -> dict[str, str]:
     holds for any ``channel_mult``/``num_res_blocks``/``attention_resolutions``. LoRA wrappers are looked
     through (their own name maps, their insides not); modules with no diffusers twin are left out.
     """
-    names = (name for name, _ in unet.named_modules() if name and not _is_lora_internal(name))
+    names = (name for name, _ in unet.named_modules() if name and not is_lora_internal(name))
     return ldm_to_diffusers_unet_names(names, unet_config_of(unet))
 
 
@@ -80,7 +76,7 @@ def _from_diffusers_names(module: nn.Module, names: set[str]) -> dict[str, str]:
     else:
         wrapper = _WRAPPER if isinstance(module, TextEncoder) else ""
         ours = {n: wrapper + diffusers_to_transformers_clip_name(n) for n in names}
-    existing = {name for name, _ in module.named_modules() if name and not _is_lora_internal(name)}
+    existing = {name for name, _ in module.named_modules() if name and not is_lora_internal(name)}
     return {theirs: mine for theirs, mine in ours.items() if mine in existing}
 
 

@@ -89,6 +89,11 @@ def _train_only_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+def is_lora_internal(name: str) -> bool:
+    """Whether a module name is inside a LoRA layer (its adapters or its wrapped base layer), not a model layer."""
+    return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
+
+
 def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
     """The peft LoRA layers of ``module`` by name (empty when it has none)."""
     return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
