@@ -63,7 +63,7 @@ def kohya_parts_of(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, di
     """
     if any(k.startswith(SDXL_TEXT_PREFIXES) for k in tensors):
         raise ValueError(f"{path} is an SDXL LoRA in kohya's layout (lora_te1_/lora_te2_ keys: two text encoders); "
-                         "this model is SD 1.x/2.x-shaped; load it onto an SDXL model")
+                         "ldm loads SD 1.x/2.x-shaped models only so far, so it cannot be applied here")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         part = next((p for p, prefix in KOHYA_PARTS.items() if key.startswith(prefix)), None)
