@@ -45,6 +45,8 @@ def save_trained(model: LatentDiffusion, path: str | Path) -> Path:
         text = model.text_encoder.model if h.lora_text_encoder else None
         layout = getattr(h, "lora_format", "diffusers")
         if layout == "kohya":
+            # An earlier diffusers-layout export here would be the file pipe.load_lora(folder) reads first.
+            (folder / DIFFUSERS_LORA_FILE).unlink(missing_ok=True)
             file = save_kohya_lora(folder / f"{folder.resolve().name}.safetensors", unet=model.unet, text_encoder=text)
         else:
             file = save_lora(folder / DIFFUSERS_LORA_FILE, unet=model.unet, text_encoder=text)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_lora import TINY, base_unet, clip_out, diffusers_pair, randomize_lora_, run, tiny_clip
+from test_lora import INPUTS, TINY, base_unet, clip_out, diffusers_pair, randomize_lora_, run, tiny_clip
 
 from ldm.formats.kohya_lora import save_kohya_lora
 from ldm.formats.lora_files import load_lora, save_lora
@@ -87,7 +87,7 @@ def test_diffusers_reads_our_kohya_file_with_the_same_numerics(tmp_path):
     state_dict, network_alphas = lora_pipeline.StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
     assert network_alphas  # diffusers recognised the kohya layout and read its alphas
     lora_pipeline.StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, network_alphas, reference)
-    x, t, ctx = pytest.importorskip("test_lora").INPUTS
+    x, t, ctx = INPUTS
     with torch.no_grad():
         theirs = reference(x, t, encoder_hidden_states=ctx).sample
     assert (run(unet) - base_theirs).abs().max() > 1e-2
