@@ -80,3 +80,40 @@ def tiny_clip_config(**overrides):
     )
     kwargs.update(overrides)
     return CLIPTextConfig(**kwargs)
+
+# The published SDXL 1.0 base UNet config (diffusers' stabilityai/stable-diffusion-xl-base-1.0 unet/config.json).
+SDXL_DIFFUSERS = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+# A tiny SDXL-shaped UNet: no attention at the first level, 1 and 2 transformer blocks below, 8-wide heads, linear
+# projections, a 32-wide context, and the text_time vector (pooled 16 + 6 ids x 8 = 64).
+TINY_SDXL_UNET_DIFFUSERS = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=(1, 1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=64,
+    norm_num_groups=8,
+)

@@ -38,12 +38,23 @@ def _arg(config: Mapping[str, Any], name: str) -> Any:
     return config.get(name, _DEFAULTS[name])
 
 
+def _attention_levels(config: Mapping[str, Any]) -> list[bool]:
+    """Whether each level of a UNet with this (our) configuration has transformers."""
+    levels = len(tuple(_arg(config, "channel_mult")))
+    attn = set(_arg(config, "attention_resolutions"))
+    depth = _arg(config, "transformer_depth")
+    per_level = tuple(depth) if isinstance(depth, (list, tuple)) else (depth,) * levels
+    return [2**level in attn and bool(per_level[level]) for level in range(levels)]
+
+
 def _unet_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
     """diffusers module prefix -> ours, for every module of a UNet with this (our) configuration."""
     nrb = int(_arg(config, "num_res_blocks"))
-    levels = len(tuple(_arg(config, "channel_mult")))
-    attn = set(_arg(config, "attention_resolutions"))
+    attention = _attention_levels(config)
+    levels = len(attention)
     table = {
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's vector conditioning (text_time)
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
         "conv_in.": "input_blocks.0.0.",
@@ -59,7 +70,7 @@ def _unet_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
     resnet("mid_block.resnets.0", "middle_block.0")
     resnet("mid_block.resnets.1", "middle_block.2")
     for level in range(levels):
-        has_attn = 2**level in attn
+        has_attn = attention[level]
         for j in range(nrb):
             idx = 1 + level * (nrb + 1) + j
             resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{idx}.0")
@@ -69,7 +80,7 @@ def _unet_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
             table[f"down_blocks.{level}.downsamplers.0.conv."] = f"input_blocks.{1 + level * (nrb + 1) + nrb}.0.op."
     for i in range(levels):  # up_blocks.0 is the lowest resolution
         level = levels - 1 - i
-        has_attn = 2**level in attn
+        has_attn = attention[level]
         for j in range(nrb + 1):
             idx = i * (nrb + 1) + j
             resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{idx}.0")
@@ -126,12 +137,12 @@ def unet_config_of(unet: torch.nn.Module) -> dict[str, Any]:
         "num_res_blocks": unet.num_res_blocks,
         "channel_mult": unet.channel_mult,
         "attention_resolutions": unet.attention_resolutions,
+        "transformer_depth": unet.config.transformer_depth,
     }
 
 
 _UNSUPPORTED_IF_SET = (
     "class_embed_type",
-    "addition_embed_type",
     "encoder_hid_dim",
     "time_cond_proj_dim",
     "num_class_embeds",
@@ -158,6 +169,9 @@ _DIFFUSERS_TYPES: dict[str, tuple[Any, Any]] = {
     "attention_head_dim": (int | tuple[int, ...], 8),
     "num_attention_heads": (int | tuple[int, ...] | None, None),
     "transformer_layers_per_block": (int | tuple[int, ...], 1),
+    "addition_embed_type": (str | None, None),
+    "addition_time_embed_dim": (int | None, None),
+    "projection_class_embeddings_input_dim": (int | None, None),
     "use_linear_projection": (bool, False),
     "norm_num_groups": (int, 32),
 }
@@ -167,7 +181,9 @@ _DIFFUSERS_NAMES = {"model_channels": "block_out_channels", "channel_mult": "blo
                     "num_res_blocks": "layers_per_block", "context_dim": "cross_attention_dim",
                     "transformer_depth": "transformer_layers_per_block", "norm_groups": "norm_num_groups",
                     "num_heads": "attention_head_dim", "num_head_channels": "attention_head_dim",
-                    "use_linear_in_transformer": "use_linear_projection", "attention_resolutions": "down_block_types"}
+                    "use_linear_in_transformer": "use_linear_projection", "attention_resolutions": "down_block_types",
+                    "transformer_depth_middle": "transformer_layers_per_block",
+                    "adm_in_channels": "projection_class_embeddings_input_dim"}
 
 
 def _diffusers_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,7 +192,8 @@ def _diffusers_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (hint, default) in _DIFFUSERS_TYPES.items():
         value = check_value(key, cfg[key] if key in cfg else default, hint)
-        if key not in ("down_block_types", "up_block_types") and value is not None and not isinstance(value, bool):
+        if key not in ("down_block_types", "up_block_types", "addition_embed_type") and value is not None \
+                and not isinstance(value, bool):
             problem = positive(value)
             if problem or (isinstance(value, tuple) and not value):
                 raise ConfigError(key, problem or "got an empty list; expected one value > 0 per level")
@@ -252,9 +269,24 @@ def _unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str
         raise ConfigError("up_block_types", f"{up} do not mirror down_block_types {down}")
 
     heads_value = v["num_attention_heads"] or v["attention_head_dim"]
-    depth = set(_per_level(v["transformer_layers_per_block"], levels, "transformer_layers_per_block"))
-    if len(depth) != 1:
-        raise ConfigError("transformer_layers_per_block", f"{list(v['transformer_layers_per_block'])} must be equal per level")
+    layers = _per_level(v["transformer_layers_per_block"], levels, "transformer_layers_per_block")
+    attention_depths = {d for d, a in zip(layers, has_attn) if a}
+    middle = layers[-1]  # diffusers' mid block takes the last level's count
+    if len(attention_depths) <= 1 and attention_depths <= {middle}:
+        depth: int | tuple[int, ...] = middle
+        depth_middle = None
+    else:  # SDXL: [1, 2, 10] over (DownBlock2D, CrossAttn..., CrossAttn...) -> (0, 2, 10)
+        depth = tuple(d if a else 0 for d, a in zip(layers, has_attn))
+        depth_middle = None if depth[-1] == middle else middle
+    adm_in_channels = time_embed_dim = None
+    if v["addition_embed_type"] is not None:
+        if v["addition_embed_type"] != "text_time":
+            raise ConfigError("addition_embed_type", f"set to {v['addition_embed_type']!r}; ldm's UNetModel supports "
+                                                     "'text_time' (SDXL) only")
+        adm_in_channels, time_embed_dim = v["projection_class_embeddings_input_dim"], v["addition_time_embed_dim"]
+        if adm_in_channels is None or time_embed_dim is None:
+            raise ConfigError("projection_class_embeddings_input_dim", "addition_embed_type 'text_time' needs it and "
+                                                                       "addition_time_embed_dim")
 
     out: dict[str, Any] = dict(
         in_channels=v["in_channels"],
@@ -264,7 +296,7 @@ def _unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str
         num_res_blocks=v["layers_per_block"],
         attention_resolutions=tuple(2**i for i, a in enumerate(has_attn) if a),
         context_dim=v["cross_attention_dim"],
-        transformer_depth=depth.pop(),
+        transformer_depth=depth,
         use_linear_in_transformer=v["use_linear_projection"],
         norm_groups=v["norm_num_groups"],
     )
@@ -276,6 +308,10 @@ def _unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str
         out.update(num_heads=-1, num_head_channels=widths.pop())
     else:
         out.update(num_heads=int(heads_value), num_head_channels=-1)
+    if depth_middle is not None:
+        out["transformer_depth_middle"] = depth_middle
+    if adm_in_channels is not None:
+        out.update(adm_in_channels=adm_in_channels, addition_time_embed_dim=time_embed_dim)
     UNetConfig.from_dict(out)  # the remaining range and cross-field checks (errors renamed to diffusers' keys)
     return out
 
@@ -297,7 +333,16 @@ def unet_config_to_diffusers(config: Mapping[str, Any], sample_size: int | None 
     if mults[0] != 1:
         raise ValueError(f"diffusers' UNet needs channel_mult[0] == 1 (conv_in width = first level width), got {mults}")
     channels = [c["model_channels"] * m for m in mults]
-    attn = [2**i in set(c["attention_resolutions"]) for i in range(len(mults))]
+    attn = _attention_levels(c)
+    depth = c["transformer_depth"]
+    layers = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(mults)
+    middle = c.get("transformer_depth_middle") or layers[-1]
+    layers = [d if a else 1 for d, a in zip(layers, attn)]  # a level without transformers: diffusers ignores it
+    if middle != layers[-1]:
+        if attn[-1]:
+            raise ValueError(f"diffusers' UNet gives its mid block the last level's transformer count ({layers[-1]}); "
+                             f"transformer_depth_middle={middle} differs")
+        layers[-1] = middle
     if c["num_head_channels"] == -1:
         heads: int | list[int] = int(c["num_heads"])
     else:
@@ -313,7 +358,7 @@ def unet_config_to_diffusers(config: Mapping[str, Any], sample_size: int | None 
         "cross_attention_dim": c["context_dim"],
         "attention_head_dim": heads,
         "use_linear_projection": bool(c["use_linear_in_transformer"]),
-        "transformer_layers_per_block": c["transformer_depth"],
+        "transformer_layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
         "norm_num_groups": c["norm_groups"],
         "norm_eps": 1e-5,
         "act_fn": "silu",
@@ -322,6 +367,9 @@ def unet_config_to_diffusers(config: Mapping[str, Any], sample_size: int | None 
         "center_input_sample": False,
         "downsample_padding": 1,
     }
+    if c.get("adm_in_channels") is not None:
+        out.update(addition_embed_type="text_time", addition_time_embed_dim=c["addition_time_embed_dim"],
+                   projection_class_embeddings_input_dim=c["adm_in_channels"])
     if sample_size is not None:
         out["sample_size"] = sample_size
     return out

@@ -65,7 +65,9 @@ def check_block_count(config: Mapping[str, Any], state: Mapping[str, torch.Tenso
     """Refuse a UNet/VAE config that describes more blocks than ``state`` holds tensors (``num_res_blocks`` 10**9),
     before a key map or a module is built from it; the error names ``source`` and the config's ``keys``."""
     levels = len(config.get("channel_mult") or config.get("ch_mult") or ())
-    blocks = levels * (int(config.get("num_res_blocks", 1)) + 1) * int(config.get("transformer_depth", 1))
+    depth = config.get("transformer_depth", 1)
+    depth = max(depth, default=1) if isinstance(depth, (list, tuple)) else depth
+    blocks = levels * (int(config.get("num_res_blocks", 1)) + 1) * max(int(depth), 1)
     if blocks > len(state):
         raise ConfigError(keys, f"describe {blocks:,} blocks but the weights hold only {len(state):,} tensors", source)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["UNetArchitecture", "AutoencoderConfig", "Config", "ConfigError", "TextEncoderConfig", "UNetConfig",
+__all__ = ["SDXL_BASE_UNET", "UNetArchitecture", "AutoencoderConfig", "Config", "ConfigError", "TextEncoderConfig", "UNetConfig",
            "check_fields", "check_value"]
 
 _C = TypeVar("_C", bound="Config")
@@ -194,6 +194,15 @@ def head_setting(value: Any) -> str | None:
     return None if value == -1 or value > 0 else f"got {_show(value)}; expected a value > 0, or -1 (unused)"
 
 
+def depths(value: Any) -> str | None:
+    """One transformer depth > 0 for every level, or a list of depths >= 0 per level (0: no transformer there)."""
+    if isinstance(value, tuple):
+        if not value:
+            return "got an empty list; expected one depth >= 0 per resolution level"
+        return non_negative(value)
+    return positive(value)
+
+
 def probability(value: Any) -> str | None:
     """A dropout rate in [0, 1)."""
     return None if 0 <= value < 1 else f"got {_show(value)}; expected a value in [0, 1)"
@@ -312,17 +321,43 @@ class AutoencoderConfig(Config):
 # Range rules of the UNet's fields other than its channels (shared by UNetConfig and UNetArchitecture).
 _UNET_SHAPE_RULES = {"model_channels": positive, "channel_mult": levels, "num_res_blocks": positive,
                      "attention_resolutions": positive, "num_heads": head_setting, "num_head_channels": head_setting,
-                     "transformer_depth": positive, "dropout": probability, "norm_groups": positive}
+                     "transformer_depth": depths, "transformer_depth_middle": positive, "adm_in_channels": positive,
+                     "addition_time_embed_dim": positive, "dropout": probability, "norm_groups": positive}
+
+
+def level_depths(config: Any) -> tuple[int, ...]:
+    """Transformer blocks per attention layer at each level of a UNet config (0 where a level has no attention:
+    not in ``attention_resolutions``, or depth 0)."""
+    levels = len(config.channel_mult)
+    depth = config.transformer_depth
+    per_level = depth if isinstance(depth, tuple) else (depth,) * levels
+    return tuple(d if 2**level in config.attention_resolutions else 0 for level, d in enumerate(per_level))
+
+
+def middle_depth(config: Any) -> int:
+    """Transformer blocks in the middle block: ``transformer_depth_middle``, else the last level's depth (as
+    diffusers and SGM do)."""
+    if config.transformer_depth_middle is not None:
+        return config.transformer_depth_middle
+    depth = config.transformer_depth
+    return depth[-1] if isinstance(depth, tuple) else depth
 
 
 def _check_unet_shape(config: Any) -> None:
     """``__post_init__`` of the UNet configs: the field checks, then the heads must split every attention block's
     channels (what ``UNetModel`` would otherwise refuse while building)."""
     Config.__post_init__(config)
+    if isinstance(config.transformer_depth, tuple) and len(config.transformer_depth) != len(config.channel_mult):
+        raise ConfigError("transformer_depth", f"has {len(config.transformer_depth)} entries for the "
+                                               f"{len(config.channel_mult)} levels of channel_mult")
+    if middle_depth(config) < 1:
+        raise ConfigError("transformer_depth_middle", "the middle block needs at least one transformer block; the last "
+                                                      "level's transformer_depth is 0, so set transformer_depth_middle")
+    if (config.adm_in_channels is None) != (config.addition_time_embed_dim is None):
+        raise ConfigError("adm_in_channels, addition_time_embed_dim", "set both (SDXL: 2816 and 256) or neither")
     if config.num_head_channels == -1 and config.num_heads == -1:
         raise ConfigError("num_heads", "num_heads and num_head_channels are both -1; set one of them > 0")
-    widths = [config.model_channels * m for level, m in enumerate(config.channel_mult)
-              if 2**level in config.attention_resolutions]
+    widths = [config.model_channels * m for m, depth in zip(config.channel_mult, level_depths(config)) if depth]
     widths.append(config.model_channels * config.channel_mult[-1])  # the middle block's transformer
     for width in widths:
         if config.num_head_channels == -1 and width % config.num_heads:
@@ -336,7 +371,7 @@ def _check_unet_shape(config: Any) -> None:
 @dataclass(frozen=True)
 class UNetConfig(Config):
     """Shape of the conditional UNet; the defaults are SD v1.x (for v2.x: ``num_head_channels=64,
-    context_dim=1024, use_linear_in_transformer=True``).
+    context_dim=1024, use_linear_in_transformer=True``; for SDXL see :data:`SDXL_BASE_UNET`).
 
     Args:
         in_channels: Channels of the input latent.
@@ -354,7 +389,14 @@ class UNetConfig(Config):
         context_dim: Channels of the conditioning tokens (CLIP hidden size: 768 for SD v1, 1024 for
             SD v2). ``None`` builds an unconditional UNet whose ``attn2`` is a second self-attention
             (CompVis' behaviour); ``forward`` then takes no context.
-        transformer_depth: BasicTransformerBlocks per SpatialTransformer.
+        transformer_depth: BasicTransformerBlocks per SpatialTransformer: one count for every level, or
+            one per level (SDXL: ``[0, 2, 10]``; 0 leaves a level without transformers).
+        transformer_depth_middle: BasicTransformerBlocks of the middle block's transformer; None: the
+            last level's ``transformer_depth`` (SDXL: 10).
+        adm_in_channels: Width of the vector conditioning ``y`` added to the timestep embedding through
+            ``label_emb`` (SDXL: 2816 = pooled text 1280 + 6 size/crop ids x 256); None: no vector input.
+        addition_time_embed_dim: Width of the sinusoidal embedding of each SDXL size/crop id inside
+            ``y`` (SDXL: 256); set exactly when ``adm_in_channels`` is.
         use_linear_in_transformer: Linear ``proj_in``/``proj_out`` on tokens (SD v2) instead of 1x1
             convs (SD v1).
         dropout: Dropout in ResBlocks and transformer blocks.
@@ -373,7 +415,10 @@ class UNetConfig(Config):
     num_heads: int = 8
     num_head_channels: int = -1
     context_dim: int | None = 768
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
+    adm_in_channels: int | None = None
+    addition_time_embed_dim: int | None = None
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
     norm_groups: int = 32
@@ -381,6 +426,12 @@ class UNetConfig(Config):
 
     _RULES = {"in_channels": positive, "out_channels": positive, "context_dim": positive, **_UNET_SHAPE_RULES}
     __post_init__ = _check_unet_shape
+
+
+SDXL_BASE_UNET = dict(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, attention_resolutions=(2, 4),
+                      num_heads=-1, num_head_channels=64, context_dim=2048, transformer_depth=(0, 2, 10),
+                      adm_in_channels=2816, addition_time_embed_dim=256, use_linear_in_transformer=True)
+"""``UNetConfig`` fields of the SDXL 1.0 base UNet (SGM's ``sd_xl_base.yaml``): 2,567,463,684 parameters."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.nn.configs import UNetConfig
+from ldm.nn.configs import UNetConfig, level_depths, middle_depth
 from ldm.nn.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.nn.layers import Upsample, group_norm
 from ldm.nn.unet_blocks import ResBlock, UNetDownsample, timestep_embedding, zero_init
@@ -69,13 +69,19 @@ class UNetModel(nn.Module):
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.norm_groups, c.use_checkpoint)
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, d_head = heads_for(ch)
             return SpatialTransformer(
-                ch, heads, d_head, c.transformer_depth, c.context_dim, c.dropout, c.use_linear_in_transformer, c.norm_groups, c.use_checkpoint
+                ch, heads, d_head, depth, c.context_dim, c.dropout, c.use_linear_in_transformer, c.norm_groups, c.use_checkpoint
             )
 
+        depths = level_depths(c)
+        self.adm_in_channels = c.adm_in_channels
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels is not None:  # SGM's "sequential" label embedding of the vector y (SDXL)
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
         skip_channels = [c.model_channels]
@@ -84,8 +90,8 @@ class UNetModel(nn.Module):
             for _ in range(c.num_res_blocks):
                 layers: list[nn.Module] = [res(ch, c.model_channels * mult)]
                 ch = c.model_channels * mult
-                if ds in self.attention_resolutions:
-                    layers.append(transformer(ch))
+                if depths[level]:
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -93,15 +99,15 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), transformer(ch), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), transformer(ch, middle_depth(c)), res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(c.num_res_blocks + 1):
                 layers = [res(ch + skip_channels.pop(), c.model_channels * mult)]
                 ch = c.model_channels * mult
-                if ds in self.attention_resolutions:
-                    layers.append(transformer(ch))
+                if depths[level]:
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -118,7 +124,8 @@ class UNetModel(nn.Module):
                 module.gradient_checkpointing = enabled
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from a noisy latent.
 
@@ -127,6 +134,8 @@ class UNetModel(nn.Module):
             timesteps: (B,) timesteps, int or float (a scalar is broadcast over the batch).
             context: Conditioning tokens (B, L, context_dim), all L attended (no mask); ``None``
                 only for an unconditional model (``context_dim=None``).
+            y: The vector conditioning (B, adm_in_channels) of a UNet with ``adm_in_channels`` (SDXL:
+                pooled text and the embedded size/crop ids, :func:`ldm.nn.micro_conditioning.sdxl_vector`).
 
         Returns:
             Prediction of shape (B, out_channels, H, W).
@@ -148,11 +157,21 @@ class UNetModel(nn.Module):
         elif context is not None:
             raise ValueError("this UNet was built with context_dim=None and takes no context")
 
+        if self.adm_in_channels is not None:
+            if y is None or y.ndim != 2 or y.shape != (x.shape[0], self.adm_in_channels):
+                got = "none" if y is None else f"shape {tuple(y.shape)}"
+                raise ValueError(f"this UNet takes the vector conditioning y of shape ({x.shape[0]}, {self.adm_in_channels}) "
+                                 f"(SDXL: pooled text + size/crop ids), got {got}")
+        elif y is not None:
+            raise ValueError("this UNet was built without adm_in_channels and takes no vector conditioning y")
+
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
 
         skips = []
         h = x
