@@ -15,16 +15,23 @@ from ldm.diffusion.schedule import NoiseSchedule
 
 
 def guided_denoiser(
-    unet: nn.Module, context: torch.Tensor, uncond_context: torch.Tensor | None, guidance_scale: float, guidance_rescale: float = 0.0
+    unet: nn.Module, context: torch.Tensor, uncond_context: torch.Tensor | None, guidance_scale: float, guidance_rescale: float = 0.0,
+    y: torch.Tensor | None = None, uncond_y: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A denoiser ``(x_t, t) -> model output`` that applies CFG with one batched UNet call."""
+    """A denoiser ``(x_t, t) -> model output`` that applies CFG with one batched UNet call; ``y``/``uncond_y`` are the
+    vector conditioning of a UNet that takes one (SDXL), for the prompt and the unconditional branch."""
     dtype = next(unet.parameters()).dtype
+    if (y is None and uncond_y is not None) or (y is not None and uncond_context is not None and uncond_y is None):
+        raise ValueError("give the vector conditioning of both branches (y and uncond_y) or of neither")
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.to(dtype)
         if uncond_context is None or guidance_scale == 1.0:
-            return unet(x, t, context).float()
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context])).float()
+            return (unet(x, t, context) if y is None else unet(x, t, context, y=y)).float()
+        if y is None:
+            out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context])).float()
+        else:
+            out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]), y=torch.cat([y, uncond_y])).float()
         cond, uncond = out.chunk(2)
         return classifier_free_guidance(cond, uncond, guidance_scale, guidance_rescale)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ldm.diffusion import NoiseSchedule, SamplerConfig
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.configs import AutoencoderConfig, UNetConfig
+from ldm.nn.dual_text_encoder import DualTextEncoder
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.unet import UNetModel
 
@@ -23,13 +24,20 @@ class ModelComponents:
 
     unet: UNetModel
     vae: KLAutoencoder
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | DualTextEncoder  # SDXL: its two encoders
     schedule: NoiseSchedule
     prediction_type: str
     scaling_factor: float
     sample_size: int | None
     sampler_config: SamplerConfig = SamplerConfig()
-    variant: str | None = None  # the Stable Diffusion family of a single file ("v1", "v2"), when read from one
+    variant: str | None = None  # the Stable Diffusion family of a single file ("v1", "v2", "xl"), when read from one
+    # SDXL: without a negative prompt the unconditional branch gets zero embeddings (diffusers' SDXL base default).
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL-style model: two text encoders and a UNet with vector conditioning."""
+        return isinstance(self.text_encoder, DualTextEncoder)
 
     @property
     def unet_config(self) -> UNetConfig:

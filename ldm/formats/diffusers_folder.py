@@ -25,6 +25,7 @@ from ldm.formats.unet_keys import DIFFUSERS_UNET_KEYS, diffusers_to_ldm_unet, ld
 from ldm.formats.vae_keys import DIFFUSERS_VAE_KEYS, diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.configs import AutoencoderConfig, ConfigError
+from ldm.nn.dual_text_encoder import DualTextEncoder
 from ldm.nn.unet import UNetModel
 
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write; any recent diffusers reads them
@@ -153,10 +154,41 @@ def read_diffusers_folder(folder: str | Path, vae_encoder: bool = True) -> Model
     load_checked(unet, unet_state, f"{folder / 'unet'}")
     vae = KLAutoencoder(vae_config, with_encoder=vae_encoder)
     load_checked(vae, vae_state, f"{folder / 'vae'}")
-    # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
-    text_encoder = load_text_encoder(folder, layer="last")
+    if (folder / "text_encoder_2").is_dir():  # SDXL
+        text_encoder: Any = read_sdxl_text_encoders(folder)
+        check_sdxl_conditioning(unet.config, text_encoder, str(unet_path))
+        force_zeros = _read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", True)
+        if not isinstance(force_zeros, bool):
+            raise ConfigError("force_zeros_for_empty_prompt", f"got {force_zeros!r}; expected true or false",
+                              str(folder / "model_index.json"))
+    else:
+        # diffusers' SD 2.x folders store the text encoder without its last layer, so "last" is right for all.
+        text_encoder, force_zeros = load_text_encoder(folder, layer="last"), False
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, schedule, prediction_type, scaling_factor,
-                           latent_size * vae.downsampling_factor, sampler_config)
+                           latent_size * vae.downsampling_factor, sampler_config, force_zeros_for_empty_prompt=force_zeros)
+
+
+def read_sdxl_text_encoders(folder: Path) -> DualTextEncoder:
+    """SDXL's ``text_encoder/`` + ``tokenizer/`` (CLIP ViT-L) and ``text_encoder_2/`` + ``tokenizer_2/`` (OpenCLIP bigG
+    with its projection), both read at the penultimate hidden states without the final norm, as diffusers does."""
+    if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer_2").is_dir():
+        raise FileNotFoundError(f"{folder} has text_encoder_2/ but lacks text_encoder/ or tokenizer_2/: an SDXL folder "
+                                "needs both text encoders and both tokenizers (a refiner-only folder is not supported)")
+    first = load_text_encoder(folder, layer="penultimate_raw")
+    second = load_text_encoder(folder, layer="penultimate_raw", subfolder_model="text_encoder_2",
+                               subfolder_tokenizer="tokenizer_2", with_projection=True)
+    return DualTextEncoder(first, second)
+
+
+def check_sdxl_conditioning(unet_config: Any, text_encoder: DualTextEncoder, source: str) -> None:
+    """Refuse a UNet whose context or vector width does not fit the two text encoders (naming ``source``)."""
+    if unet_config.context_dim != text_encoder.hidden_size:
+        raise ConfigError("cross_attention_dim", f"{unet_config.context_dim} does not fit the two text encoders' "
+                          f"{text_encoder.first.hidden_size} + {text_encoder.second.hidden_size} channels", source)
+    expected = None if unet_config.adm_in_channels is None else text_encoder.pooled_size + 6 * unet_config.addition_time_embed_dim
+    if expected is None or unet_config.adm_in_channels != expected:
+        raise ConfigError("projection_class_embeddings_input_dim", f"{unet_config.adm_in_channels} does not fit SDXL's "
+                          f"pooled text ({text_encoder.pooled_size}) + 6 size/crop ids x addition_time_embed_dim", source)
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
@@ -201,8 +233,12 @@ def write_diffusers_folder(
     prediction_type: str = "epsilon",
     vae_scaling_factor: float = 0.18215,
     sample_size: int | None = None,
+    text_encoder_2: Any = None,
+    tokenizer_2: Any = None,
+    force_zeros_for_empty_prompt: bool = True,
 ) -> Path:
-    """Write a folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
+    """Write a folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads (with ``text_encoder_2``: a
+    ``StableDiffusionXLPipeline`` folder).
 
     Args:
         path: Output folder (created).
@@ -219,6 +255,9 @@ def write_diffusers_folder(
         vae_scaling_factor: Latent scale (SD: 0.18215).
         sample_size: Latent size recorded in the UNet config (image size / 8); default: the VAE's
             ``resolution`` divided by its downsampling factor.
+        text_encoder_2, tokenizer_2: SDXL's second text encoder (``CLIPTextModelWithProjection``) and tokenizer.
+        force_zeros_for_empty_prompt: SDXL: recorded in ``model_index.json`` (zero embeddings for the unconditional
+            branch when no negative prompt is given).
 
     Returns:
         ``path`` as a ``Path``.
@@ -238,6 +277,13 @@ def write_diffusers_folder(
         backend.no_padding()
         backend.no_truncation()
     tokenizer.save_pretrained(root / "tokenizer")
+    for model, tok in ((text_encoder_2, tokenizer_2),) if text_encoder_2 is not None else ():
+        model.save_pretrained(root / "text_encoder_2")
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_padding()
+            backend.no_truncation()
+        tok.save_pretrained(root / "tokenizer_2")
 
     scheduler: dict[str, Any] = {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION}
     scheduler.update(dict(scheduler_config))
@@ -253,19 +299,24 @@ def write_diffusers_folder(
         scheduler.setdefault("steps_offset", 1)
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
 
-    _write_json(
-        root / "model_index.json",
-        {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", type(text_encoder).__name__],
-            "tokenizer": ["transformers", type(tokenizer).__name__],
-            "scheduler": ["diffusers", scheduler_class],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        },
-    )
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "scheduler": ["diffusers", scheduler_class],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    if text_encoder_2 is not None:
+        for key in ("safety_checker", "requires_safety_checker"):
+            del index[key]
+        index.update({"_class_name": "StableDiffusionXLPipeline", "image_encoder": [None, None],
+                      "text_encoder_2": ["transformers", type(text_encoder_2).__name__],
+                      "tokenizer_2": ["transformers", type(tokenizer_2).__name__],
+                      "force_zeros_for_empty_prompt": bool(force_zeros_for_empty_prompt)})
+    _write_json(root / "model_index.json", index)
     return root

@@ -25,6 +25,9 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
     for name, module in (("UNet", parts.unet), ("VAE", parts.vae), ("text encoder", parts.text_encoder)):
         check_finite_weights(module.state_dict(), f"the model's {name} (not written to {path})")
     sample_size = int(64 * parts.vae.downsampling_factor if parts.sample_size is None else parts.sample_size)
+    if parts.is_sdxl and format != "diffusers":
+        raise ValueError(f"an SDXL model is written as a diffusers folder (format='diffusers'); {format!r} is not "
+                         "supported for SDXL yet")
     if format == "ldm":
         vae_config = {**parts.vae_config.to_dict(), "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}
         return write_pipeline_folder(path, parts.unet_config.to_dict(), parts.unet.state_dict(), vae_config, parts.vae.state_dict(),
@@ -33,13 +36,19 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
     if format == "diffusers":
         from ldm.formats.diffusers_folder import last_layer_text_encoder, write_diffusers_folder
 
-        text_model = last_layer_text_encoder(parts.text_encoder.model, parts.text_encoder.layer)
         scheduler = {**parts.schedule.to_diffusers_scheduler_config(), **parts.sampler_config.to_dict()}
+        if parts.is_sdxl:  # diffusers' SDXL pipeline reads both encoders' penultimate hidden states: written whole
+            first, second = parts.text_encoder.encoders
+            texts = dict(text_encoder=first.model, tokenizer=first.tokenizer, text_encoder_2=second.model,
+                         tokenizer_2=second.tokenizer, force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
+        else:
+            texts = dict(text_encoder=last_layer_text_encoder(parts.text_encoder.model, parts.text_encoder.layer),
+                         tokenizer=parts.text_encoder.tokenizer)
         return write_diffusers_folder(path, parts.unet.state_dict(), parts.unet_config.to_dict(), parts.vae.state_dict(),
-                                      parts.vae_config.to_dict(), text_model, parts.text_encoder.tokenizer, scheduler,
+                                      parts.vae_config.to_dict(), scheduler_config=scheduler,
                                       scheduler_class="DPMSolverMultistepScheduler", prediction_type=parts.prediction_type,
                                       vae_scaling_factor=float(parts.scaling_factor),
-                                      sample_size=sample_size // parts.vae.downsampling_factor)
+                                      sample_size=sample_size // parts.vae.downsampling_factor, **texts)
     if format == "sd":
         from ldm.formats.sd_single_file import write_sd_single_file
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.formats.config_files import read_json_config
 from ldm.formats.weights import check_config_fits, open_safetensors
@@ -103,7 +103,7 @@ def check_clip_text_config(values: Any, source: str, key: str | None = None) -> 
         raise error.located(source, prefix=key) from None
 
 
-def _check_clip_weights(values: dict[str, Any], folder: Path, source: str) -> None:
+def _check_clip_weights(values: dict[str, Any], folder: Path, source: str, model_class: type = CLIPTextModel) -> None:
     """Build the CLIP text model ``values`` describe on the meta device and compare it with the shapes in
     ``folder/model.safetensors`` (read from its header), before transformers allocates anything."""
     weights = folder / "model.safetensors"
@@ -119,7 +119,7 @@ def _check_clip_weights(values: dict[str, Any], folder: Path, source: str) -> No
     with open_safetensors(weights) as f:
         shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     defaulted = [k for k in CLIPTextShape.__dataclass_fields__ if k not in values]
-    check_config_fits(lambda: CLIPTextModel(config), shapes, source, defaulted)
+    check_config_fits(lambda: model_class(config), shapes, source, defaulted)
 
 
 def _culprit(values: dict[str, Any]) -> str | None:
@@ -158,6 +158,7 @@ def load_text_encoder(
     max_length: int | None = None,
     subfolder_model: str | None = None,
     subfolder_tokenizer: str | None = None,
+    with_projection: bool = False,
 ) -> TextEncoder:
     """Load a CLIP text model and tokenizer with ``from_pretrained``.
 
@@ -175,6 +176,8 @@ def load_text_encoder(
             ``model_max_length`` capped at the model's position embeddings (77 for CLIP).
         subfolder_model: Subfolder of the model files, if any.
         subfolder_tokenizer: Subfolder of the tokenizer files, if any.
+        with_projection: Load a ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``), whose pooled output
+            is projected.
 
     Returns:
         The loaded encoder, in eval mode, not frozen.
@@ -201,7 +204,8 @@ def load_text_encoder(
         config_path = (root / subfolder_model if subfolder_model else root) / "config.json"
         values = read_json_config(config_path)
         check_clip_text_config(values, str(config_path))
-        _check_clip_weights(values, config_path.parent, str(config_path))
+        _check_clip_weights(values, config_path.parent, str(config_path),
+                            CLIPTextModelWithProjection if with_projection else CLIPTextModel)
         model_candidates: list[str | None] = [subfolder_model]
         tokenizer_candidates: list[str | None] = [subfolder_tokenizer]
     else:
@@ -212,7 +216,8 @@ def load_text_encoder(
         )
     options = {"local_files_only": True} if local else {}
     try:
-        model = _load_first(CLIPTextModel, name, model_candidates, "text model", options)
+        model = _load_first(CLIPTextModelWithProjection if with_projection else CLIPTextModel, name, model_candidates,
+                            "text model", options)
     except Exception as error:  # noqa: BLE001  (transformers' checks of its config raise several types)
         if not local or isinstance(error, OSError):
             raise

@@ -21,9 +21,9 @@ from typing import Self
 
 import torch
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-LAYERS = ("last", "penultimate")
+LAYERS = ("last", "penultimate", "penultimate_raw")
 MODEL_SUBFOLDER = "text_encoder"
 TOKENIZER_SUBFOLDER = "tokenizer"
 # Keys recorded in the text encoder's config.json by ``save_pretrained`` so that loading restores them.
@@ -54,10 +54,12 @@ class TextEncoder(nn.Module):
     """A CLIP text encoder with its tokenizer, turning prompts into cross-attention context.
 
     Args:
-        model: The ``CLIPTextModel``.
+        model: The ``CLIPTextModel``, or a ``CLIPTextModelWithProjection`` (SDXL's second encoder,
+            whose projected pooled output :meth:`encode_with_pooled` returns).
         tokenizer: The matching ``CLIPTokenizer``.
-        layer: ``"last"`` for the final hidden states (SD 1.x), or ``"penultimate"`` for the
-            second-to-last hidden states passed through the final layer norm (SD 2.x).
+        layer: ``"last"`` for the final hidden states (SD 1.x), ``"penultimate"`` for the
+            second-to-last hidden states passed through the final layer norm (SD 2.x), or
+            ``"penultimate_raw"`` for them without that norm (both SDXL encoders).
         max_length: Token sequence length, bos and eos included; prompts are padded to it and
             cut at it. At most the model's ``max_position_embeddings``.
 
@@ -67,7 +69,7 @@ class TextEncoder(nn.Module):
 
     def __init__(
         self,
-        model: CLIPTextModel,
+        model: CLIPTextModel | CLIPTextModelWithProjection,
         tokenizer: CLIPTokenizer,
         layer: str = "last",
         max_length: int = 77,
@@ -89,6 +91,13 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         """Width of the embeddings (the UNet's cross-attention ``context_dim``)."""
         return int(self.model.config.hidden_size)
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of the pooled output: the projection's for a ``CLIPTextModelWithProjection``, else ``hidden_size``."""
+        if isinstance(self.model, CLIPTextModelWithProjection):
+            return int(self.model.config.projection_dim)
+        return self.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -171,12 +180,29 @@ class TextEncoder(nn.Module):
         Returns:
             ``(batch, seq_len, hidden_size)`` hidden states of the configured layer.
         """
+        return self.forward_with_pooled(input_ids)[0]
+
+    def forward_with_pooled(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the configured layer and the pooled output: the final layer-normed state of the
+        end-of-text token, projected by a ``CLIPTextModelWithProjection`` (``text_embeds``, SDXL's pooled text
+        embedding), as it is for a ``CLIPTextModel`` (``pooler_output``).
+
+        Returns:
+            ``(batch, seq_len, hidden_size)`` and ``(batch, pooled_size)``.
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+        out = self.model(input_ids=input_ids, output_hidden_states=self.layer != "last")
+        pooled = out.text_embeds if isinstance(self.model, CLIPTextModelWithProjection) else out.pooler_output
         if self.layer == "last":
-            return self.model(input_ids=input_ids).last_hidden_state
-        hidden_states = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states
-        return _final_layer_norm(self.model)(hidden_states[-2])
+            return out.last_hidden_state, pooled
+        if self.layer == "penultimate_raw":
+            return out.hidden_states[-2], pooled
+        return _final_layer_norm(self.model)(out.hidden_states[-2]), pooled
+
+    def encode_with_pooled(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode` and the pooled output (:meth:`forward_with_pooled`)."""
+        return self.forward_with_pooled(self.tokenize(prompts).to(self.device))
 
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         """Tokenize prompts, move the ids to the model's device and embed them.
@@ -190,8 +216,10 @@ class TextEncoder(nn.Module):
         return self(self.tokenize(prompts).to(self.device))
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``path/text_encoder/`` (config + safetensors) and ``path/tokenizer/``, the diffusers layout.
+    def save_pretrained(self, path: str | Path, model_subfolder: str = MODEL_SUBFOLDER,
+                        tokenizer_subfolder: str = TOKENIZER_SUBFOLDER) -> Path:
+        """Write ``path/text_encoder/`` (config + safetensors) and ``path/tokenizer/``, the diffusers layout (SDXL's
+        second encoder: ``text_encoder_2/`` and ``tokenizer_2/``).
 
         ``layer`` and ``max_length`` are recorded in the text encoder's ``config.json`` so that
         :func:`ldm.formats.text_encoder_files.load_text_encoder` restores them.
@@ -206,13 +234,13 @@ class TextEncoder(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         setattr(self.model.config, LAYER_CONFIG_KEY, self.layer)
         setattr(self.model.config, MAX_LENGTH_CONFIG_KEY, self.max_length)
-        self.model.save_pretrained(out / MODEL_SUBFOLDER)
+        self.model.save_pretrained(out / model_subfolder)
         # The fast tokenizer keeps the padding/truncation of its last call in its state, and
         # transformers v5 writes that state into tokenizer.json (and re-applies it on load).
         backend = self.tokenizer.backend_tokenizer
         backend.no_padding()
         backend.no_truncation()
-        self.tokenizer.save_pretrained(out / TOKENIZER_SUBFOLDER)
+        self.tokenizer.save_pretrained(out / tokenizer_subfolder)
         return out
 
     def extra_repr(self) -> str:

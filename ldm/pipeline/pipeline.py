@@ -23,6 +23,8 @@ from ldm.formats.save import save_components
 from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
+from ldm.nn.dual_text_encoder import DualTextEncoder
+from ldm.nn.micro_conditioning import sdxl_vector, size_time_ids, time_ids_tensor
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.speedups import CudaGraphSteps, compile_in_place, to_channels_last, uses_cuda_graphs
 from ldm.nn.unet import UNetModel
@@ -39,12 +41,16 @@ class PipelineOutput:
 
 
 class LatentDiffusionPipeline:
-    """UNet + KL autoencoder + CLIP text encoder + noise schedule, with the diffusers-style call signature."""
+    """UNet + KL autoencoder + CLIP text encoder (SDXL: two) + noise schedule, with the diffusers-style call signature."""
 
-    def __init__(self, unet: UNetModel, vae: KLAutoencoder, text_encoder: TextEncoder, schedule: NoiseSchedule,
+    def __init__(self, unet: UNetModel, vae: KLAutoencoder, text_encoder: TextEncoder | DualTextEncoder, schedule: NoiseSchedule,
                  prediction_type: str, scaling_factor: float, sample_size: int | None = None,
-                 sampler_config: SamplerConfig = SamplerConfig()):
+                 sampler_config: SamplerConfig = SamplerConfig(), force_zeros_for_empty_prompt: bool = False):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        if (unet.adm_in_channels is not None) != isinstance(text_encoder, DualTextEncoder):
+            raise ValueError("an SDXL UNet (with adm_in_channels) needs SDXL's two text encoders (DualTextEncoder), and "
+                             "two text encoders need such a UNet")
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.schedule, self.prediction_type, self.scaling_factor = schedule, prediction_type, float(scaling_factor)
         check_finite("scaling_factor", float(scaling_factor))
         if float(scaling_factor) <= 0:
@@ -88,7 +94,7 @@ class LatentDiffusionPipeline:
     def from_components(cls, parts: ModelComponents) -> "LatentDiffusionPipeline":
         """A pipeline over already-loaded :class:`~ldm.formats.components.ModelComponents`."""
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.prediction_type, parts.scaling_factor,
-                   parts.sample_size, parts.sampler_config)
+                   parts.sample_size, parts.sampler_config, parts.force_zeros_for_empty_prompt)
 
     def save_pretrained(self, path: str | Path, format: str = "ldm") -> Path:
         """Write the model as ``ldm`` (our folder), ``diffusers`` (a folder diffusers' StableDiffusionPipeline
@@ -103,7 +109,8 @@ class LatentDiffusionPipeline:
     def components(self) -> ModelComponents:
         """The pipeline's model as :class:`~ldm.formats.components.ModelComponents` (the same modules, not copies)."""
         return ModelComponents(self.unet, self.vae, self.text_encoder, self.schedule, self.prediction_type, self.scaling_factor,
-                               self.sample_size, self.sampler_config)
+                               self.sample_size, self.sampler_config,
+                               force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
 
     unet_config = property(lambda self: self.unet.config, doc="The UNet's shape (a UNetConfig).")
     vae_config = property(lambda self: self.vae.config, doc="The autoencoder's shape (an AutoencoderConfig).")
@@ -193,12 +200,23 @@ class LatentDiffusionPipeline:
                  num_images_per_prompt: int = 1, seed: int | list[int] | None = None, generator: torch.Generator | None = None,
                  eta: float = 0.0, guidance_rescale: float = 0.0, output_type: str = "pil", progress: bool = True,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None, karras_sigmas: bool = False,
-                 timestep_spacing: str | None = None) -> PipelineOutput:
+                 timestep_spacing: str | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt_2: str | list[str] | None = None, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+                 negative_original_size: tuple[int, int] | None = None,
+                 negative_crops_coords_top_left: tuple[int, int] | None = None,
+                 negative_target_size: tuple[int, int] | None = None) -> PipelineOutput:
         """Text to image; returns images and seeds.
 
         ``seed``: an int (image i gets seed + i) or one per image. ``generator``: instead of a seed, draw the
         whole batch's noise from it, as diffusers does (the reported seeds are then ``None``).
-        ``timestep_spacing``: ``leading``, ``trailing`` or ``linspace``; ``None`` uses the model's scheduler's."""
+        ``timestep_spacing``: ``leading``, ``trailing`` or ``linspace``; ``None`` uses the model's scheduler's.
+
+        SDXL models only: ``prompt_2``/``negative_prompt_2`` go to the second text encoder (default: the first's);
+        ``original_size``, ``crops_coords_top_left`` and ``target_size`` (height, width; default the output size and
+        no crop) are the micro-conditioning, and the ``negative_*`` ones that of the unconditional branch (default:
+        the same). Without a negative prompt the unconditional branch gets zero embeddings when the model says so
+        (``force_zeros_for_empty_prompt``, SDXL base)."""
         args = {k: v for k, v in locals().items() if k != "self"}
         args["height"], args["width"] = self._check_size(height, width)
         return self._run(**args)
@@ -236,7 +254,9 @@ class LatentDiffusionPipeline:
     def _run(self, prompt, negative_prompt=None, num_inference_steps=25, guidance_scale=5.0, sampler="dpmpp_2m", height=None,
              width=None, num_images_per_prompt=1, seed=None, generator=None, eta=0.0, guidance_rescale=0.0, output_type="pil",
              progress=True, callback=None, karras_sigmas=False, timestep_spacing=None, init_image=None, strength=1.0,
-             mask=None, paste_unmasked=True) -> PipelineOutput:
+             mask=None, paste_unmasked=True, prompt_2=None, negative_prompt_2=None, original_size=None,
+             crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+             negative_crops_coords_top_left=None, negative_target_size=None) -> PipelineOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty: give a string (\"\" for unconditional) or a non-empty list")
@@ -266,8 +286,21 @@ class LatentDiffusionPipeline:
 
         f = self.vae.downsampling_factor
         shape = (self.vae.latent_channels, height // f, width // f)
-        context = self.text_encoder.encode(prompts).to(self.dtype)
-        uncond = self.text_encoder.encode(negatives).to(self.dtype)
+        sdxl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+                    crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                    negative_original_size=negative_original_size,
+                    negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+        if isinstance(self.text_encoder, DualTextEncoder):
+            context, uncond, y, uncond_y = self._sdxl_conditioning(prompts, negatives, negative_prompt is None,
+                                                                   num_images_per_prompt, height, width, **sdxl)
+        else:
+            given = [k for k, v in sdxl.items() if v is not None and k != "crops_coords_top_left"]
+            if given or tuple(crops_coords_top_left) != (0, 0):
+                raise ValueError(f"{', '.join(given) or 'crops_coords_top_left'} applies to SDXL models only (two text "
+                                 "encoders, micro-conditioning); this model has one text encoder")
+            context = self.text_encoder.encode(prompts).to(self.dtype)
+            uncond = self.text_encoder.encode(negatives).to(self.dtype)
+            y = uncond_y = None
         known = None
         if init_image is not None:
             init = init_image.to(self.device).expand(len(prompts), -1, -1, -1)
@@ -295,7 +328,8 @@ class LatentDiffusionPipeline:
             noise = noise.to(self.device, torch.float32)
             sub_known = known[group] if known is not None else None
             denoiser = self._denoiser(context[group], uncond[group], guidance_scale, guidance_rescale, sub_known, latent_mask, noise,
-                                      extra[group] if extra is not None else None)
+                                      extra[group] if extra is not None else None,
+                                      None if y is None else y[group], None if uncond_y is None else uncond_y[group])
 
             def step_callback(i, t, x, _cb=callback):
                 bar.update(1)
@@ -343,11 +377,41 @@ class LatentDiffusionPipeline:
         latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))
         return torch.cat([latent_mask, masked_latents], dim=1).expand(n, -1, -1, -1).to(self.dtype)
 
-    def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise, extra=None):
+    def _sdxl_conditioning(self, prompts, negatives, no_negative, per_prompt, height, width, prompt_2, negative_prompt_2,
+                           original_size, crops_coords_top_left, target_size, negative_original_size,
+                           negative_crops_coords_top_left, negative_target_size):
+        """SDXL's context, vector conditioning and their unconditional twins, as diffusers' SDXL pipeline builds them."""
+        n = len(prompts) // per_prompt
+
+        def repeat(values, name):
+            if values is None:
+                return None
+            values = [values] * n if isinstance(values, str) else list(values)
+            if len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries but there are {n} prompts; give one per prompt or a single string")
+            return [v for v in values for _ in range(per_prompt)]
+
+        context, pooled = self.text_encoder.encode_with_pooled(prompts, repeat(prompt_2, "prompt_2"))
+        if no_negative and self.force_zeros_for_empty_prompt:
+            uncond, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        else:
+            uncond, uncond_pooled = self.text_encoder.encode_with_pooled(
+                negatives, repeat(negative_prompt_2, "negative_prompt_2") or negatives)
+        size = (height, width)
+        ids = size_time_ids(original_size or size, crops_coords_top_left, target_size or size)
+        negative_ids = size_time_ids(negative_original_size or original_size or size,
+                                     negative_crops_coords_top_left or crops_coords_top_left,
+                                     negative_target_size or target_size or size)
+        dim = self.unet.config.addition_time_embed_dim
+        y = sdxl_vector(pooled, time_ids_tensor([ids] * len(prompts), pooled.device), dim)
+        uncond_y = sdxl_vector(uncond_pooled, time_ids_tensor([negative_ids] * len(prompts), pooled.device), dim)
+        return context.to(self.dtype), uncond.to(self.dtype), y.to(self.dtype), uncond_y.to(self.dtype)
+
+    def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise, extra=None, y=None, uncond_y=None):
         unet = self.unet if extra is None else _WithExtraChannels(self.unet, extra)
         if uses_cuda_graphs(self.compile_mode):
             unet = CudaGraphSteps(unet)
-        guided = guided_denoiser(unet, context, uncond, scale, rescale)
+        guided = guided_denoiser(unet, context, uncond, scale, rescale, y=y, uncond_y=uncond_y)
         if latent_mask is None or extra is not None:  # an inpainting UNet sees the known region itself
             return guided
 
@@ -373,9 +437,9 @@ class _WithExtraChannels(torch.nn.Module):
         super().__init__()
         self.unet, self.extra = unet, extra
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # CFG doubles the batch
-        return self.unet(torch.cat([x, extra], dim=1), t, context)
+        return self.unet(torch.cat([x, extra], dim=1), t, context, **kwargs)
 
 
 def _expand_negative(negative_prompt: str | list[str] | None, n: int) -> list[str]:
