@@ -24,13 +24,13 @@ from ldm.diffusion.guided import guided_denoiser
 from ldm.nn.attention import CrossAttention
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.dual_text_encoder import DualTextEncoder
-from ldm.nn.micro_conditioning import sdxl_vector, size_time_ids, time_ids_tensor
 from ldm.nn.text_encoder import TextEncoder
 from ldm.nn.speedups import CudaGraphSteps, compile_in_place, to_channels_last, uses_cuda_graphs
 from ldm.nn.unet import UNetModel
 from ldm.pipeline.checks import (DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS, check_batch, check_finite, check_finite_output,
                                  check_size)
 from ldm.pipeline.memory import tiled_decode
+from ldm.pipeline.sdxl_conditioning import sdxl_conditioning
 
 @dataclass
 class PipelineOutput:
@@ -291,8 +291,10 @@ class LatentDiffusionPipeline:
                     negative_original_size=negative_original_size,
                     negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
         if isinstance(self.text_encoder, DualTextEncoder):
-            context, uncond, y, uncond_y = self._sdxl_conditioning(prompts, negatives, negative_prompt is None,
-                                                                   num_images_per_prompt, height, width, **sdxl)
+            context, uncond, y, uncond_y = sdxl_conditioning(
+                self.text_encoder, self.unet.config.addition_time_embed_dim, self.force_zeros_for_empty_prompt, prompts,
+                negatives, negative_prompt is None, num_images_per_prompt, height, width, **sdxl)
+            context, uncond, y, uncond_y = (t.to(self.dtype) for t in (context, uncond, y, uncond_y))
         else:
             given = [k for k, v in sdxl.items() if v is not None and k != "crops_coords_top_left"]
             if given or tuple(crops_coords_top_left) != (0, 0):
@@ -376,36 +378,6 @@ class LatentDiffusionPipeline:
         masked_latents = self.vae.encode(image).mode() * self.scaling_factor
         latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))
         return torch.cat([latent_mask, masked_latents], dim=1).expand(n, -1, -1, -1).to(self.dtype)
-
-    def _sdxl_conditioning(self, prompts, negatives, no_negative, per_prompt, height, width, prompt_2, negative_prompt_2,
-                           original_size, crops_coords_top_left, target_size, negative_original_size,
-                           negative_crops_coords_top_left, negative_target_size):
-        """SDXL's context, vector conditioning and their unconditional twins, as diffusers' SDXL pipeline builds them."""
-        n = len(prompts) // per_prompt
-
-        def repeat(values, name):
-            if values is None:
-                return None
-            values = [values] * n if isinstance(values, str) else list(values)
-            if len(values) != n:
-                raise ValueError(f"{name} has {len(values)} entries but there are {n} prompts; give one per prompt or a single string")
-            return [v for v in values for _ in range(per_prompt)]
-
-        context, pooled = self.text_encoder.encode_with_pooled(prompts, repeat(prompt_2, "prompt_2"))
-        if no_negative and self.force_zeros_for_empty_prompt:
-            uncond, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        else:
-            uncond, uncond_pooled = self.text_encoder.encode_with_pooled(
-                negatives, repeat(negative_prompt_2, "negative_prompt_2") or negatives)
-        size = (height, width)
-        ids = size_time_ids(original_size or size, crops_coords_top_left, target_size or size)
-        negative_ids = size_time_ids(negative_original_size or original_size or size,
-                                     negative_crops_coords_top_left or crops_coords_top_left,
-                                     negative_target_size or target_size or size)
-        dim = self.unet.config.addition_time_embed_dim
-        y = sdxl_vector(pooled, time_ids_tensor([ids] * len(prompts), pooled.device), dim)
-        uncond_y = sdxl_vector(uncond_pooled, time_ids_tensor([negative_ids] * len(prompts), pooled.device), dim)
-        return context.to(self.dtype), uncond.to(self.dtype), y.to(self.dtype), uncond_y.to(self.dtype)
 
     def _denoiser(self, context, uncond, scale, rescale, known, latent_mask, noise, extra=None, y=None, uncond_y=None):
         unet = self.unet if extra is None else _WithExtraChannels(self.unet, extra)
