@@ -234,6 +234,7 @@ class CoverCrop(v2.Transform):
         if crop not in CROP_CHOICES:
             raise ValueError(f"crop must be one of {CROP_CHOICES}, got {crop!r}")
         self.height, self.width, self.crop = height, width, crop
+        self.last_top_left = (0, 0)  # the last crop's offset in output pixels (SDXL's crop micro-conditioning)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         image_h, image_w = F.get_size(flat_inputs[0])
@@ -244,6 +245,7 @@ class CoverCrop(v2.Transform):
         else:
             top = int(round((image_h - crop_h) / 2))
             left = int(round((image_w - crop_w) / 2))
+        self.last_top_left = (int(round(top * self.height / crop_h)), int(round(left * self.width / crop_w)))
         return {"top": top, "left": left, "height": crop_h, "width": crop_w}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

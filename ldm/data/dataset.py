@@ -34,12 +34,28 @@ class ItemTransforms:
         self._by_size: dict[tuple[int, int], v2.Compose] = {}
 
     def __call__(self, index: int, image) -> torch.Tensor:
+        self.last_original_size = (image.height, image.width)
         if self.sizes is None:
-            return self.transform(image).as_subclass(torch.Tensor)
+            out = self.transform(image).as_subclass(torch.Tensor)
+            self.last_top_left = _crop_step(self.transform).last_top_left
+            return out
         size = self.sizes[index]
         if size not in self._by_size:
             self._by_size[size] = bucket_transform(*size, crop=self.crop, random_flip=self.random_flip)
-        return self._by_size[size](image).as_subclass(torch.Tensor)
+        out = self._by_size[size](image).as_subclass(torch.Tensor)
+        self.last_top_left = _crop_step(self._by_size[size]).last_top_left
+        return out
+
+    @property
+    def last_size_conditioning(self) -> torch.Tensor:
+        """SDXL's size micro-conditioning of the last item transformed: ``[original height, original width, crop top,
+        crop left]`` (the crop's offset in output pixels), float32."""
+        return torch.tensor([*self.last_original_size, *self.last_top_left], dtype=torch.float32)
+
+
+def _crop_step(transform: v2.Compose) -> Any:
+    """The step of a square or bucket transform that crops (and records where)."""
+    return next(step for step in transform.transforms if hasattr(step, "last_top_left"))
 
 
 class ImageCaptionDataset(Dataset):
@@ -105,5 +121,33 @@ class ImageCaptionDataset(Dataset):
         """
         return self.transforms(index, load_rgb(self.root / self.records[index].path, self.max_image_pixels))
 
+    def size_conditioning(self, index: int) -> torch.Tensor:
+        """``[original height, original width, crop top, crop left]`` of record ``index`` under a centre crop (what
+        the latent cache stores), from the image file's header (no decoding)."""
+        from PIL import Image
+
+        with Image.open(self.root / self.records[index].path) as image:
+            width, height = image.size
+        if self.sizes is not None:
+            offset = centre_crop_offset(height, width, *self.sizes[index])
+        else:  # the square transform: the shorter side resized to image_size (torchvision's rounding), then cut
+            short, long = sorted((height, width))
+            resized_long = int(self.image_size * long / short)
+            resized = (self.image_size, resized_long) if height <= width else (resized_long, self.image_size)
+            offset = (int(round((resized[0] - self.image_size) / 2.0)), int(round((resized[1] - self.image_size) / 2.0)))
+        return torch.tensor([height, width, *offset], dtype=torch.float32)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
-        return {"image": self.image(index), "text": self.caption(index), "index": index}
+        image = self.image(index)
+        return {"image": image, "text": self.caption(index), "index": index,
+                "size_conditioning": self.transforms.last_size_conditioning}
+
+
+def centre_crop_offset(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """``(top, left)`` in output pixels of the centre crop that resizing ``height x width`` to cover ``target_h x
+    target_w`` and cropping gives (as :class:`~ldm.data.buckets.CoverCrop` and the square transform cut it)."""
+    from ldm.data.buckets import cover_crop_size
+
+    crop_h, crop_w = cover_crop_size(width, height, target_h, target_w)
+    top, left = int(round((height - crop_h) / 2)), int(round((width - crop_w) / 2))
+    return int(round(top * target_h / crop_h)), int(round(left * target_w / crop_w))

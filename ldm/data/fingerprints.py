@@ -38,6 +38,9 @@ def vae_encoder_fingerprint(vae) -> str:
 def text_encoder_fingerprint(text_encoder) -> str:
     """Hash of what turns captions into context: a :class:`~ldm.nn.text_encoder.TextEncoder`'s weights, vocabulary,
     hidden layer and sequence length."""
+    encoders = getattr(text_encoder, "encoders", None)
+    if encoders is not None:  # SDXL's two text encoders
+        return fingerprint("text-encoders", *[text_encoder_fingerprint(e) for e in encoders])
     vocab = sorted(text_encoder.tokenizer.get_vocab().items())
     return fingerprint("text-encoder", text_encoder.layer, text_encoder.max_length, vocab,
                        tensors=list(text_encoder.model.state_dict().values()))

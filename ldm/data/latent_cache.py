@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 __all__ = ["CachedLatentDataset", "LatentCacheData", "build_latent_cache", "cache_text_embeddings"]
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
-TextEncoderFn = Callable[[list[str]], torch.Tensor]
+# Captions -> context (B, L, D), or (context, pooled (B, P)) for two text encoders (SDXL).
+TextEncoderFn = Callable[[list[str]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
 class CachedLatentDataset(Dataset):
@@ -74,6 +75,7 @@ class CachedLatentDataset(Dataset):
             raise ValueError(f"the cache misses {int((group < 0).sum())} of the dataset's {n} items")
         self.dataset, self.blocks, self.contexts = dataset, list(blocks), contexts
         self._group, self._row = group, row
+        self._sizes: dict[int, torch.Tensor] = {}
 
     @property
     def sizes(self) -> list[tuple[int, int]] | None:
@@ -87,11 +89,23 @@ class CachedLatentDataset(Dataset):
         """The cached posterior moments of item ``index``."""
         return self.blocks[int(self._group[index])][int(self._row[index])]
 
+    def size_conditioning(self, index: int) -> torch.Tensor:
+        """The item's SDXL size micro-conditioning under the cache's centre crop (read from the image file's header
+        once per item)."""
+        if index not in self._sizes:
+            self._sizes[index] = self.dataset.size_conditioning(index)
+        return self._sizes[index]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         caption = self.dataset.caption(index)
-        item: dict[str, Any] = {"moments": self.moments(index), "text": caption, "index": index}
+        item: dict[str, Any] = {"moments": self.moments(index), "text": caption, "index": index,
+                                "size_conditioning": self.size_conditioning(index)}
         if self.contexts is not None:
-            item["context"] = self.contexts[caption]
+            embedded = self.contexts[caption]
+            if isinstance(embedded, tuple):  # two text encoders (SDXL): tokens and the pooled embedding
+                item["context"], item["pooled"] = embedded
+            else:
+                item["context"] = embedded
         return item
 
 
@@ -182,10 +196,15 @@ def cache_text_embeddings(cache_dir: str | Path, captions: Sequence[str], encode
 
     def encode_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {"context": encode_text([captions[i] for i in indices]).float()}
+            out = encode_text([captions[i] for i in indices])
+        if isinstance(out, tuple):  # (context, pooled) of two text encoders (SDXL)
+            return {"context": out[0].float(), "pooled": out[1].float()}
+        return {"context": out.float()}
 
     cached = build_or_load_shards(Path(cache_dir) / f"text-{key}", len(captions), encode_batch, rank, world_size, barrier,
                                   batch_size)
+    if "pooled" in cached:
+        return dict(zip(captions, zip(cached["context"], cached["pooled"])))
     return dict(zip(captions, cached["context"]))
 
 
@@ -264,6 +283,9 @@ class LatentCacheData:
 
     @property
     def empty_context(self) -> torch.Tensor | None:
-        """The cached embedding of the empty prompt (for caption dropout); None when no text embeddings are cached."""
+        """The cached embedding of the empty prompt (for caption dropout); None when no text embeddings are cached
+        (or they are SDXL's, whose caption dropout zeroes the embeddings instead)."""
         cached = self.cached_train_dataset
-        return None if cached is None or cached.contexts is None else cached.contexts[""]
+        if cached is None or cached.contexts is None or isinstance(cached.contexts[""], tuple):
+            return None
+        return cached.contexts[""]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-__all__ = ["CROP_CHOICES", "build_transform"]
+__all__ = ["CROP_CHOICES", "SquareCrop", "build_transform"]
 
 CROP_CHOICES = ("center", "random")
 
@@ -31,7 +34,7 @@ def build_transform(image_size: int, crop: str = "center", random_flip: bool = F
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
     steps: list[v2.Transform] = [
         v2.Resize(image_size, antialias=True),
-        v2.CenterCrop(image_size) if crop == "center" else v2.RandomCrop(image_size),
+        SquareCrop(image_size, crop),
     ]
     if random_flip:
         steps.append(v2.RandomHorizontalFlip(p=0.5))
@@ -41,3 +44,30 @@ def build_transform(image_size: int, crop: str = "center", random_flip: bool = F
         v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # [0, 1] -> [-1, 1]
     ]
     return v2.Compose(steps)
+
+
+class SquareCrop(v2.Transform):
+    """Crop a ``size x size`` square, centred or at a uniformly random offset, and remember where (``last_top_left``,
+    the SDXL crop micro-conditioning). The same crops as ``v2.CenterCrop`` / ``v2.RandomCrop`` (with the same
+    ``torch.randint`` draws) for images at least ``size`` on each side, as they are after the shorter side's resize.
+    """
+
+    def __init__(self, size: int, crop: str = "center") -> None:
+        super().__init__()
+        if crop not in CROP_CHOICES:
+            raise ValueError(f"crop must be one of {CROP_CHOICES}, got {crop!r}")
+        self.size, self.crop = size, crop
+        self.last_top_left = (0, 0)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = F.get_size(flat_inputs[0])
+        if self.crop == "random":
+            top = int(torch.randint(0, height - self.size + 1, size=())) if height > self.size else 0
+            left = int(torch.randint(0, width - self.size + 1, size=())) if width > self.size else 0
+        else:
+            top, left = int(round((height - self.size) / 2.0)), int(round((width - self.size) / 2.0))
+        self.last_top_left = (top, left)
+        return {"top": top, "left": left}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, top=params["top"], left=params["left"], height=self.size, width=self.size)

@@ -1,6 +1,6 @@
 """Diffusion math: noise schedules, parameterisations, loss weighting, guidance and samplers (plain torch)."""
 
-from ldm.diffusion.guidance import classifier_free_guidance, drop_captions
+from ldm.diffusion.guidance import caption_drop_mask, classifier_free_guidance, drop_captions
 from ldm.diffusion.guided import guided_denoiser, sample_latents
 from ldm.diffusion.loss_weighting import LOSS_WEIGHTINGS, loss_weights, offset_noise
 from ldm.diffusion.parameterization import (
@@ -35,6 +35,7 @@ __all__ = [
     "SamplerConfig",
     "SamplerInfo",
     "classifier_free_guidance",
+    "caption_drop_mask",
     "drop_captions",
     "eps_from_output",
     "guided_denoiser",

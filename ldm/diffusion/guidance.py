@@ -25,9 +25,14 @@ def classifier_free_guidance(
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
+def caption_drop_mask(count: int, probability: float, generator: torch.Generator) -> list[bool]:
+    """Which of ``count`` captions conditioning dropout drops (each with ``probability``); no draw when it is 0."""
+    if probability <= 0:
+        return [False] * count
+    return (torch.rand(count, generator=generator, device=generator.device) < probability).tolist()
+
+
 def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
     """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG)."""
-    if probability <= 0:
-        return prompts
-    drop = torch.rand(len(prompts), generator=generator, device=generator.device) < probability
-    return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    drop = caption_drop_mask(len(prompts), probability, generator)
+    return ["" if d else p for p, d in zip(prompts, drop)]

@@ -52,12 +52,14 @@ def sample_latents(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     config: SamplerConfig = SamplerConfig(),
+    y: torch.Tensor | None = None,
+    uncond_y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one latent per row of ``context`` (B, L, D) following the model's sampler ``config``; returns
-    (B, *latent_shape) latents (scaled)."""
+    (B, *latent_shape) latents (scaled). ``y``/``uncond_y``: the vector conditioning of an SDXL UNet."""
     if noise is None:
         noise = torch.randn((context.shape[0], *latent_shape), generator=generator, device=context.device)
-    denoiser = guided_denoiser(unet, context, uncond_context, guidance_scale)
+    denoiser = guided_denoiser(unet, context, uncond_context, guidance_scale, y=y, uncond_y=uncond_y)
     # ``sample`` hands the generator only to samplers that draw noise (eta is 0 here, so DDIM does not).
     return sample(sampler, denoiser, noise.float(), schedule, num_steps, prediction_type=prediction_type, config=config,
                   generator=generator)

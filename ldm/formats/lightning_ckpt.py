@@ -184,8 +184,9 @@ def prepare_for_training(model: nn.Module, h: Mapping[str, Any]) -> None:
     if rank > 0:
         alpha, dropout = h.get("lora_alpha"), h.get("lora_dropout", 0.0)
         add_lora(model.unet, rank=rank, alpha=alpha, target_modules=h.get("lora_targets", list(UNET_TARGETS)), dropout=dropout)
-        if h.get("lora_text_encoder", False):
-            add_lora(model.text_encoder.model, rank=rank, alpha=alpha, target_modules=TEXT_ENCODER_TARGETS, dropout=dropout)
+        if h.get("lora_text_encoder", False):  # SDXL: both text encoders
+            for encoder in getattr(model.text_encoder, "encoders", (model.text_encoder,)):
+                add_lora(encoder.model, rank=rank, alpha=alpha, target_modules=TEXT_ENCODER_TARGETS, dropout=dropout)
     elif h.get("lora_text_encoder", False):
         raise ValueError("lora_text_encoder needs lora_rank > 0")
 

@@ -31,8 +31,10 @@ from ldm.models.latent_diffusion_config import ObjectiveConfig, OptimizerConfig,
 from ldm.models.latent_export import save_trained
 from ldm.models.lr_schedule import lr_factor
 from ldm.models.nonfinite_loss import NonFiniteLossSkipping
+from ldm.models.sdxl_training import sdxl_generation_conditioning, sdxl_training_conditioning
 from ldm.nn.configs import UNET_DERIVED_FIELDS, TextEncoderConfig, UNetArchitecture
 from ldm.nn.distributions import DiagonalGaussianDistribution
+from ldm.nn.dual_text_encoder import DualTextEncoder
 from ldm.nn.lora import UNET_TARGETS
 from ldm.nn.speedups import CudaGraphSteps, channels_last_input, compile_in_place, compile_mode, to_channels_last, uses_cuda_graphs
 
@@ -195,8 +197,16 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         self._empty_context: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- conditioning
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> context (B, 77, D), by the text encoder."""
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a UNet with vector conditioning (SDXL)."""
+        return isinstance(self.text_encoder, DualTextEncoder)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> context (B, 77, D), by the text encoder; SDXL: (context, pooled (B, P)) of its two encoders."""
+        if self.is_sdxl:
+            context, pooled = self.text_encoder.encode_with_pooled(prompts)
+            return context.float(), pooled.float()
         return self.text_encoder.encode(prompts).float()
 
     def context_from_batch(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
@@ -251,7 +261,11 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, dropout: float) -> torch.Tensor:
         x0 = self.latents_from_batch(batch, generator)
         b = x0.shape[0]
-        context = self.context_from_batch(batch, generator, dropout)
+        if self.is_sdxl:
+            f = self.autoencoder.downsampling_factor
+            context, y = sdxl_training_conditioning(self, batch, generator, dropout, (x0.shape[-2] * f, x0.shape[-1] * f))
+        else:
+            context, y = self.context_from_batch(batch, generator, dropout), None
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         if self.objective.noise_offset > 0:
             noise = offset_noise(noise, self.objective.noise_offset, generator)
@@ -262,7 +276,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
             x_t = channels_last_input(x_t)
         if uses_cuda_graphs(self._compile_mode):
             torch.compiler.cudagraph_mark_step_begin()  # a new training step: the last one's graph outputs are done
-        output = self.unet(x_t, t, context)
+        output = self.unet(x_t, t, context) if y is None else self.unet(x_t, t, context, y=y)
         target = training_target(self.prediction_type, x0, noise, alpha, sigma)
         per_sample = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         snr = (alpha / sigma.clamp_min(1e-12)).pow(2).flatten()
@@ -304,10 +318,14 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         """
         was_training = self.training
         self.eval()
-        context = self.text_encoder.encode(prompts)
-        uncond = self.text_encoder.encode([""] * len(prompts))
         size = self._latent_size() if latent_size is None else latent_size
         height, width = (size, size) if isinstance(size, int) else size
+        if self.is_sdxl:
+            f = self.autoencoder.downsampling_factor
+            context, uncond, y, uncond_y = sdxl_generation_conditioning(self, prompts, height * f, width * f)
+            vectors = {"y": y.float(), "uncond_y": uncond_y.float()}
+        else:
+            context, uncond, vectors = self.text_encoder.encode(prompts), self.text_encoder.encode([""] * len(prompts)), {}
         g = torch.Generator(device=self.device).manual_seed(seed)
         # Half-precision frozen weights need autocast (Lightning's covers only the steps, not this hook).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.hparams.frozen_dtype)
@@ -315,7 +333,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
             unet = CudaGraphSteps(self.unet) if uses_cuda_graphs(self._compile_mode) else self.unet
             latents = sample_latents(unet, context.float(), uncond.float(), self.schedule, self.prediction_type,
                                      (self.autoencoder.latent_channels, height, width), steps, guidance, sampler, generator=g,
-                                     config=self.sampler_config)
+                                     config=self.sampler_config, **vectors)
         images = self.vae_decode(latents)
         self.train(was_training)
         return images

@@ -42,7 +42,8 @@ def save_trained(model: LatentDiffusion, path: str | Path) -> Path:
     if model.is_lora:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        text = model.text_encoder.model if h.lora_text_encoder else None
+        # SDXL: both text encoders' adapters (the DualTextEncoder), else the CLIP model's.
+        text = (model.text_encoder if model.is_sdxl else model.text_encoder.model) if h.lora_text_encoder else None
         layout = getattr(h, "lora_format", "diffusers")
         if layout == "kohya":
             # An earlier diffusers-layout export here would be the file pipe.load_lora(folder) reads first.
@@ -56,5 +57,6 @@ def save_trained(model: LatentDiffusion, path: str | Path) -> Path:
         return file
     parts = ModelComponents(model.unet, whole_vae(model), model.text_encoder, model.schedule, model.prediction_type,
                             float(model.scaling_factor), model._latent_size() * model.autoencoder.downsampling_factor,
-                            model.sampler_config)
-    return save_components(parts, path, "ldm")
+                            model.sampler_config, force_zeros_for_empty_prompt=model.is_sdxl)
+    # An SDXL model is written as a diffusers SDXL folder (what diffusers, the UIs' converters and ldm all read).
+    return save_components(parts, path, "diffusers" if model.is_sdxl else "ldm")

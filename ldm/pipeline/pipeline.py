@@ -30,7 +30,7 @@ from ldm.nn.unet import UNetModel
 from ldm.pipeline.checks import (DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS, check_batch, check_finite, check_finite_output,
                                  check_size)
 from ldm.pipeline.memory import tiled_decode
-from ldm.pipeline.sdxl_conditioning import sdxl_conditioning
+from ldm.nn.sdxl_conditioning import sdxl_conditioning
 
 @dataclass
 class PipelineOutput:
