@@ -207,12 +207,19 @@ def _add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-scale", type=finite_float(), default=1.0, help="strength of the LoRA adapter")
 
 
+def _vae_dtype(name: str):
+    import torch
+
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def _load_pipeline(ns: argparse.Namespace, device: str | None = None):
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(ns.model, device=device, use_ema=not ns.raw_weights,
                                                    prediction_type=ns.prediction_type, tokenizer=ns.tokenizer,
-                                                   num_heads=ns.num_heads, num_head_channels=ns.num_head_channels)
+                                                   num_heads=ns.num_heads, num_head_channels=ns.num_head_channels,
+                                                   vae_dtype=_vae_dtype(getattr(ns, "vae_dtype", "fp32")))
     if ns.lora:
         pipe.load_lora(ns.lora, scale=ns.lora_scale)
     return pipe
@@ -225,6 +232,9 @@ def _generate_main(args: list[str]) -> None:
     _add_loading_args(parser)
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
     _add_sampling_args(parser, steps=25, karras=True)
+    parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="the VAE's dtype (fp32 by default; SDXL's original VAE overflows in fp16: a decode that gives "
+                             "NaN is redone in fp32, with a warning)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i); random if omitted")
     parser.add_argument("--num-images", type=positive_int, default=1, help="images to generate")
     parser.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's training size)")

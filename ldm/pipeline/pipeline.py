@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -69,7 +70,8 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         use_ema: bool = True, prediction_type: str | None = None, tokenizer: str | Path | None = None,
-                        num_heads: int | None = None, num_head_channels: int | None = None) -> "LatentDiffusionPipeline":
+                        num_heads: int | None = None, num_head_channels: int | None = None,
+                        vae_dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
         """Load a model in any layout ldm reads, detected from ``path``: our exported folder, a diffusers Stable
         Diffusion folder, a Lightning ``.ckpt`` of ``LatentDiffusion`` or an original SD single file
         (``.safetensors``/``.ckpt``, v1/v2/inpainting).
@@ -85,10 +87,11 @@ class LatentDiffusionPipeline:
             num_heads: UNet attention heads of an SD single file whose heads differ from SD's (shapes cannot
                 tell; else from its YAML beside it, or SD's: v1 8 heads, v2 64-channel heads).
             num_head_channels: Channels per UNet attention head of such a file, instead of ``num_heads``.
+            vae_dtype: The VAE's dtype (default fp32; see :meth:`to`).
         """
         parts = load_components(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer,
                                 num_heads=num_heads, num_head_channels=num_head_channels)
-        return cls.from_components(parts).to(device, dtype)
+        return cls.from_components(parts).to(device, dtype, vae_dtype)
 
     @classmethod
     def from_components(cls, parts: ModelComponents) -> "LatentDiffusionPipeline":
@@ -138,11 +141,14 @@ class LatentDiffusionPipeline:
             if lora_layers(module):
                 merge_lora(module)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
-        """Move to ``device``; ``dtype`` applies to the UNet and text encoder (the VAE stays fp32 for a clean decode)."""
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           vae_dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+        """Move to ``device``; ``dtype`` applies to the UNet and text encoder. The VAE stays fp32 for a clean decode
+        unless ``vae_dtype`` says otherwise (fp16 halves its memory; SDXL's original VAE overflows in fp16, and a
+        decode that gives NaN or infinity is then redone in fp32, with a warning)."""
         for module in (self.unet, self.text_encoder):
             module.to(device=device, dtype=dtype)
-        self.vae.to(device=device)
+        self.vae.to(device=device, dtype=vae_dtype)
         return self
 
     @property
@@ -399,7 +405,14 @@ class LatentDiffusionPipeline:
         parts = latents.split(1) if self.vae_slicing else [latents]
         tile, scale = self.vae_tile_size, self.scaling_factor
         decode = (lambda p: tiled_decode(self.vae, p, tile, scaling_factor=scale)) if tile else (lambda p: self.vae.decode_scaled(p, scale))
-        return torch.cat([decode(p) for p in parts]).clamp(-1, 1)
+        images = torch.cat([decode(p) for p in parts])
+        if self.vae.post_quant_conv.weight.dtype != torch.float32 and not bool(torch.isfinite(images).all()):
+            warnings.warn(f"the VAE decode in {self.vae.post_quant_conv.weight.dtype} gave NaN or infinite values (SDXL's "
+                          "original VAE overflows in fp16); the VAE is now fp32 and the decode was redone. Use an fp16-fixed "
+                          "VAE or keep vae_dtype fp32 (ldm generate --vae-dtype fp32).", stacklevel=3)
+            self.vae.float()
+            images = torch.cat([decode(p) for p in parts])
+        return images.float().clamp(-1, 1)
 
 
 class _WithExtraChannels(torch.nn.Module):
