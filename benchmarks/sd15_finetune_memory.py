@@ -1,4 +1,5 @@
-"""Estimate (no GPU needed) the peak GPU memory of fine-tuning Stable Diffusion 1.5 at 512x512, batch 1.
+"""Estimate (no GPU needed) the peak GPU memory of fine-tuning Stable Diffusion 1.5 at 512x512, batch 1 (``--sdxl``:
+SDXL 1.0 base at 1024x1024, batch 1, its 2.6 B-parameter UNet with the 2816-wide vector conditioning).
 
 Setups: full fine-tune (fp32 UNet + fp32 grads + AdamW, bf16-mixed autocast) and LoRA rank 4 / 16 on
 the attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) through ``ldm.nn.lora.add_lora``
@@ -32,7 +33,7 @@ through the fused flash kernel). ``--check`` verifies that this emulation saves 
 real CUDA autocast saves on fake CUDA tensors (forward only; they differ by the 24-byte RNG-state tensors
 of CUDA flash attention), and that fake and real CPU tensors give the same counts on a tiny UNet.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd15_finetune_memory.py [--check]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd15_finetune_memory.py [--check] [--sdxl]
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ SD15_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+# Published stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
 )
 TINY_UNET = dict(
     in_channels=4, out_channels=4, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -159,6 +169,8 @@ def run_setup(setup: Setup, config: dict, latent: int, device: str = "cpu", fake
         g = None if fake else torch.Generator().manual_seed(0)
         latents = torch.randn(1, 4, latent, latent, generator=g, device=device)
         context = torch.randn(1, 77, ctx_dim, generator=g, device=device)
+        vector = config.get("projection_class_embeddings_input_dim")  # SDXL: pooled text + size ids
+        extra = {"y": torch.randn(1, vector, generator=g, device=device)} if vector else {}
         timesteps = torch.tensor([500], device=device)
         opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2, foreach=True)  # CUDA's default impl
         if track:  # AdamW's states exist from the first step on: create them (a zero-gradient step)
@@ -175,7 +187,7 @@ def run_setup(setup: Setup, config: dict, latent: int, device: str = "cpu", fake
         with tracker if tracker is not None else contextlib.nullcontext(), rules:
             casts = ParamCasts(param_keys)
             with casts, autocast_bf16(device, autocast), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-                pred = unet(latents, timesteps, context)
+                pred = unet(latents, timesteps, context, **extra)
                 loss = F.mse_loss(pred.float(), latents)  # loss in fp32, as SD trainers do
             if tracker is not None:
                 loss.backward()
@@ -197,19 +209,27 @@ def run_setup(setup: Setup, config: dict, latent: int, device: str = "cpu", fake
     return res
 
 
-def frozen_part_params() -> tuple[int, int, str]:
-    """Parameter counts of the SD VAE and the CLIP ViT-L/14 text encoder (built on meta when possible)."""
+def frozen_part_params(sdxl: bool = False) -> tuple[int, int, str]:
+    """Parameter counts of the SD VAE and the text encoder(s): CLIP ViT-L/14, and for SDXL also OpenCLIP bigG with its
+    projection (built on meta when possible)."""
     try:
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         from ldm.nn import KLAutoencoder
 
         with torch.device("meta"):
             vae = KLAutoencoder(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, mid_attention=True)
-            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
-        return sum(p.numel() for p in vae.parameters()), sum(p.numel() for p in clip.parameters()), "counted on meta"
+            texts = [CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                  num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))]
+            if sdxl:
+                texts.append(CLIPTextModelWithProjection(CLIPTextConfig(
+                    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")))
+        count = sum(p.numel() for t in texts for p in t.parameters())
+        return sum(p.numel() for p in vae.parameters()), count, "counted on meta"
     except Exception as err:  # noqa: BLE001 - fall back to the published counts
+        if sdxl:
+            raise
         return VAE_PARAMS_FALLBACK, CLIP_L_PARAMS_FALLBACK, f"published counts ({type(err).__name__})"
 
 
@@ -220,11 +240,12 @@ def gib(b: float) -> str:
     return f"{b / GIB:6.2f}"
 
 
-def print_tables(results: list[Result], frozen_bytes: int) -> None:
+def print_tables(results: list[Result], frozen_bytes: int, title: str = "SD 1.5 UNet, 512x512 -> latents 1x4x64x64, "
+                 "context 1x77x768") -> None:
     full = next(r for r in results if not r.setup.lora_rank)
     head = (f"{'setup':<18} | {'trainable':>11} | {'weights':>7} | {'grads':>6} | {'optim':>6} | {'activ.':>6} | "
             f"{'est. total':>10} | {'+VAE/CLIP':>9} | {'simulated':>9}")
-    print("\nEstimated peak GPU memory, GiB (SD 1.5 UNet, 512x512 -> latents 1x4x64x64, context 1x77x768, bf16-mixed)")
+    print(f"\nEstimated peak GPU memory, GiB ({title}, bf16-mixed)")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -266,25 +287,31 @@ def print_tables(results: list[Result], frozen_bytes: int) -> None:
           " as large as the trainable params in step(); fused=True would not.)")
 
 
-def main_estimate() -> None:
+def main_estimate(sdxl: bool = False) -> None:
     t0 = time.perf_counter()
     print("NO GPU: every figure below is an ESTIMATE computed on CPU with fake (meta-backed) tensors; nothing was"
           " measured on a GPU.")
+    config, latent = (SDXL_UNET, 128) if sdxl else (SD15_UNET, 64)
     results: list[Result] = []
-    for rank in (0, 4, 16):
-        off = run_setup(Setup(rank, False), SD15_UNET, 64)
+    for rank in (0, 16) if sdxl else (0, 4, 16):
+        off = run_setup(Setup(rank, False), config, latent)
         big = max(off.block_bytes.items(), key=lambda kv: kv[1])
         off.largest_block = big
-        on = run_setup(Setup(rank, True), SD15_UNET, 64)
+        on = run_setup(Setup(rank, True), config, latent)
         on.largest_block = big
         results += [off, on]
-    vae, clip, how = frozen_part_params()
+    vae, clip, how = frozen_part_params(sdxl)
     frozen = 2 * (vae + clip)
-    print(f"SD 1.5 UNet: {results[0].weights // 4:,} parameters; VAE {vae:,} + CLIP ViT-L text {clip:,} ({how}).")
-    print_tables(results, frozen)
+    name = "SDXL 1.0 base UNet" if sdxl else "SD 1.5 UNet"
+    texts = "CLIP ViT-L + OpenCLIP bigG text" if sdxl else "CLIP ViT-L text"
+    print(f"{name}: {results[0].weights // 4:,} parameters; VAE {vae:,} + {texts} {clip:,} ({how}).")
+    title = ("SDXL base UNet, 1024x1024 -> latents 1x4x128x128, context 1x77x2048, vector 1x2816" if sdxl else
+             "SD 1.5 UNet, 512x512 -> latents 1x4x64x64, context 1x77x768")
+    print_tables(results, frozen, title)
     print("\nldm's LatentDiffusion keeps the VAE and text encoder as submodules, so Lightning puts them on the GPU even"
           " with caches (use the +VAE/CLIP column); the bf16 frozen weights assume --model.frozen_dtype bf16 (default"
-          " None keeps them fp32: LoRA rows about +1.6 GiB for the UNet base, +0.39 GiB for VAE/CLIP).")
+          f" None keeps them fp32: LoRA rows about +{results[0].weights / 2 / GIB:.1f} GiB for the UNet base,"
+          f" +{frozen / GIB:.2f} GiB for VAE/text encoders).")
     print("On top of these: CUDA caching-allocator overhead/fragmentation and cuDNN/cuBLAS workspaces (~0.5-1.5 GiB)"
           " and the CUDA context (~0.5 GiB, not in torch.cuda.max_memory_allocated).")
     print(f"(run time {time.perf_counter() - t0:.1f} s)")
@@ -330,8 +357,9 @@ def main_check() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="cross-check the counting method (fake vs real tensors)")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL 1.0 base at 1024x1024 instead of SD 1.5 at 512x512")
     args = parser.parse_args()
-    main_check() if args.check else main_estimate()
+    main_check() if args.check else main_estimate(args.sdxl)
 
 
 if __name__ == "__main__":

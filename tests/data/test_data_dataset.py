@@ -31,7 +31,8 @@ def test_item_layout_and_value_range(dataset_root):
     ds = ImageCaptionDataset(dataset_root, records, image_size=16)
     assert len(ds) == 2
     item = ds[0]
-    assert set(item) == {"image", "text", "index"}
+    assert set(item) == {"image", "text", "index", "size_conditioning"}
+    assert item["size_conditioning"].tolist() == [32, 64, 0, 8]  # wide.png 64x32 -> 32x16, centre cut 8 from the left
     assert type(item["image"]) is torch.Tensor  # a plain tensor, not a tv_tensors subclass
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 16, 16)
     assert item["image"].min() >= -1 and item["image"].max() <= 1
