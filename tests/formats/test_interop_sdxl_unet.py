@@ -85,3 +85,24 @@ def test_per_level_depth_configs_are_checked():
         UNetConfig(**{**SDXL_BASE_UNET, "addition_time_embed_dim": None})
     with pytest.raises(ConfigError, match="transformer_depth"):
         UNetConfig(**{**SDXL_BASE_UNET, "transformer_depth": (0, -1, 10)})
+
+
+# The published SDXL refiner 1.0 UNet config (context 1280 from bigG alone; vector 2560 = pooled 1280 + 5 ids x 256,
+# the fifth id the aesthetic score).
+SDXL_REFINER_DIFFUSERS = dict(
+    SDXL_DIFFUSERS, block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=1280, attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+    projection_class_embeddings_input_dim=2560,
+)
+
+
+def test_refiner_unet_builds_with_diffusers_keys_and_shapes(diffusers):
+    config = unet_config_from_diffusers(SDXL_REFINER_DIFFUSERS)
+    assert config["transformer_depth"] == 4 and config["attention_resolutions"] == (2, 4)
+    with torch.device("meta"):
+        ours = UNetModel(**config).state_dict()
+        reference = diffusers.UNet2DConditionModel(**SDXL_REFINER_DIFFUSERS).state_dict()
+    mapped = ldm_to_diffusers_unet(ours, config)
+    assert mapped.keys() == reference.keys() and all(mapped[k].shape == reference[k].shape for k in reference)
