@@ -195,7 +195,8 @@ def _reconstruction_feature_network(ns: argparse.Namespace):
 
 def _add_loading_args(parser: argparse.ArgumentParser) -> None:
     """Options of LatentDiffusionPipeline.from_pretrained and LoRA loading, shared by generate and convert."""
-    parser.add_argument("--tokenizer", default=None, help="SD single file: tokenizer folder (such files hold none; default: the hub's)")
+    parser.add_argument("--tokenizer", default=None, help="SD single file: tokenizer folder (such files hold none; default: the hub's); "
+                        "SDXL: a folder with tokenizer/ and tokenizer_2/, e.g. a diffusers copy of the model")
     parser.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                         help="override the model's prediction type (SD 2.x 768-v single files: v_prediction)")
     parser.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the EMA ones (.ckpt, SD files)")

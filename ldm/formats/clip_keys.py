@@ -8,6 +8,9 @@
   ``attn.in_proj_weight`` (q, k, v stacked), ``ln_1/ln_2``, ``mlp.c_fc/c_proj``, ``token_embedding``,
   ``positional_embedding``, ``ln_final`` and ``text_projection``. It maps onto a ``CLIPTextModel``
   with ``hidden_act="gelu"``; :func:`openclip_to_transformers` also returns that config.
+* SDXL's OpenCLIP bigG (``conditioner.embedders.1.model.*``) is the same layout with its ``text_projection``, a
+  ``(width, projection)`` matrix applied as ``x @ text_projection``: a ``CLIPTextModelWithProjection``'s
+  ``text_projection.weight`` is its transpose (:func:`openclip_to_transformers_with_projection` and back).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 SD_V1_PREFIX = "transformer.text_model."
 _DROPPED_V1 = ("embeddings.position_ids",)
@@ -46,6 +49,19 @@ def clip_state_prefix() -> str:
     )  # fmt: skip
     with torch.device("meta"):
         keys = CLIPTextModel(config).state_dict().keys()
+    return "text_model." if any(k.startswith("text_model.") for k in keys) else ""
+
+
+@lru_cache(maxsize=1)
+def projection_state_prefix() -> str:
+    """The prefix of the text tower's keys in the installed ``CLIPTextModelWithProjection`` (``"text_model."``; it
+    kept that level when transformers v5 flattened ``CLIPTextModel``)."""
+    config = CLIPTextConfig(
+        vocab_size=8, hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
+        max_position_embeddings=4, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=4,
+    )  # fmt: skip
+    with torch.device("meta"):
+        keys = CLIPTextModelWithProjection(config).state_dict().keys()
     return "text_model." if any(k.startswith("text_model.") for k in keys) else ""
 
 
@@ -98,7 +114,8 @@ def openclip_to_transformers(
     Args:
         state_dict: OpenCLIP weights; ``visual.*``, ``text_projection``, ``logit_scale`` and
             ``attn_mask`` are ignored (a ``CLIPTextModel`` has no projection).
-        head_width: Channels per attention head (OpenCLIP uses 64; heads = width // 64).
+        head_width: Channels per attention head (OpenCLIP uses 64; heads = width // 64; one head for a width
+            that is not a multiple).
         drop_last_layers: Leave out this many final transformer layers. SD v2 conditions on the
             penultimate layer: ``drop_last_layers=1`` with the last hidden state (after the final
             layer norm) is what diffusers' SD v2 text encoders hold; keeping all layers and asking
@@ -154,7 +171,7 @@ def openclip_to_transformers(
         hidden_size=width,
         intermediate_size=src["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         num_hidden_layers=keep,
-        num_attention_heads=width // head_width,
+        num_attention_heads=width // head_width if width % head_width == 0 else 1,  # a tiny width: one head
         max_position_embeddings=src["positional_embedding"].shape[0],
         hidden_act="gelu",
         layer_norm_eps=1e-5,
@@ -209,6 +226,48 @@ def transformers_to_openclip(state_dict: Mapping[str, torch.Tensor]) -> dict[str
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"layer {n} lacks some of q/k/v_proj.{kind} (has {sorted(parts)})")
         out[f"model.transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def _text_projection(state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    found = [v for k, v in state_dict.items() if k.endswith("text_projection") and v.ndim == 2]
+    if len(found) != 1:
+        raise KeyError(f"expected one OpenCLIP 'text_projection' (width, projection) matrix, found {len(found)}")
+    return found[0]
+
+
+def openclip_to_transformers_with_projection(
+    state_dict: Mapping[str, torch.Tensor], head_width: int = 64
+) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
+    """An OpenCLIP text tower with its ``text_projection`` (SDXL's ``conditioner.embedders.1.model.*``, the prefix up
+    to ``model.`` removed) -> ``CLIPTextModelWithProjection`` weights and config.
+
+    The projection, stored ``(width, projection)`` and applied as ``x @ text_projection``, becomes the bias-free
+    Linear's ``text_projection.weight``, its transpose (as diffusers' ``convert_open_clip_checkpoint`` does).
+
+    Raises:
+        KeyError: for keys that are not OpenCLIP text-tower keys, or a missing ``text_projection``.
+    """
+    projection = _text_projection(state_dict)
+    state, config = openclip_to_transformers(state_dict, head_width=head_width)
+    prefix = projection_state_prefix()
+    out = {prefix + _strip(k, "text_model."): v for k, v in state.items()}
+    out["text_projection.weight"] = projection.T.contiguous()
+    config.projection_dim = int(projection.shape[1])
+    return out, config
+
+
+def transformers_with_projection_to_openclip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``CLIPTextModelWithProjection`` weights -> OpenCLIP text-tower keys (``model.*``) with ``model.text_projection``
+    as OpenCLIP stores it: ``(width, projection)``, the transpose of the Linear's weight.
+
+    Raises:
+        KeyError: for keys that are not CLIP text-model keys, or a missing ``text_projection.weight``.
+    """
+    if "text_projection.weight" not in state_dict:
+        raise KeyError("'text_projection.weight' is missing: not a CLIPTextModelWithProjection state dict")
+    out = transformers_to_openclip({k: v for k, v in state_dict.items() if k != "text_projection.weight"})
+    out["model.text_projection"] = state_dict["text_projection.weight"].T.contiguous()
     return out
 
 

@@ -19,9 +19,11 @@ from ldm.diffusion import SamplerConfig
 from ldm.formats.config_files import MAX_SAMPLE_SIZE, check_scaling_factor, read_json_config, read_ldm_scheduler
 from ldm.formats.weights import check_block_count, check_config_fits, load_checked, read_safetensors
 from ldm.formats.components import ModelComponents
+from ldm.formats.diffusers_folder import check_sdxl_conditioning
 from ldm.formats.text_encoder_files import load_text_encoder
 from ldm.nn.autoencoder import KLAutoencoder
 from ldm.nn.configs import AutoencoderConfig, Config, ConfigError, UNetConfig, positive
+from ldm.nn.dual_text_encoder import DualTextEncoder
 from ldm.nn.text_encoder import LAYERS
 from ldm.nn.unet import UNetModel
 
@@ -46,10 +48,12 @@ class PipelineIndex(Config):
     Args:
         sample_size: Default image size in pixels (None in exports before it was recorded: the VAE's resolution).
         text_encoder_layer: ``last`` or ``penultimate``; None: the text encoder's recorded layer.
+        force_zeros_for_empty_prompt: SDXL: zero embeddings for the unconditional branch without a negative prompt.
     """
 
     sample_size: int | None = None
     text_encoder_layer: str | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     _RULES = {"sample_size": positive}
 
@@ -150,10 +154,12 @@ def write_pipeline_folder(
     prediction_type: str,
     sample_size: int,
     sampler_config: SamplerConfig,
+    force_zeros_for_empty_prompt: bool = False,
 ) -> Path:
     """Write a text-to-image model folder: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/`` and ``scheduler/`` (safetensors and JSON only; the diffusers folder layout). The scheduler's
-    JSON holds the noise schedule, the prediction type and the sampler settings (:class:`SamplerConfig`)."""
+    ``tokenizer/`` and ``scheduler/`` (safetensors and JSON only; the diffusers folder layout); an SDXL model's
+    second encoder goes in ``text_encoder_2/`` and ``tokenizer_2/``. The scheduler's JSON holds the noise schedule,
+    the prediction type and the sampler settings (:class:`SamplerConfig`)."""
     folder = Path(path)
     write_model_folder(folder / "unet", {**unet_config, "_class_name": "UNetModel"}, {"model.safetensors": unet_state})
     write_model_folder(folder / "vae", {**vae_config, "_class_name": "AutoencoderKL"}, {"model.safetensors": vae_state})
@@ -163,7 +169,12 @@ def write_pipeline_folder(
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_jsonable(scheduler), indent=2) + "\n")
     index = {"_class_name": "LatentDiffusionPipeline", "_ldm_version": 1, "unet": "unet", "vae": "vae",
              "text_encoder": "text_encoder", "tokenizer": "tokenizer", "scheduler": "scheduler",
-             "text_encoder_layer": text_encoder.layer, "sample_size": int(sample_size)}
+             "sample_size": int(sample_size)}
+    if isinstance(text_encoder, DualTextEncoder):  # each encoder's config.json records its layer
+        index.update(text_encoder_2="text_encoder_2", tokenizer_2="tokenizer_2",
+                     force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
+    else:
+        index["text_encoder_layer"] = text_encoder.layer
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 
@@ -186,7 +197,13 @@ def read_ldm_folder(folder: str | Path, vae_encoder: bool = True) -> ModelCompon
     load_checked(unet, unet_state, str(folder / "unet"))
     vae = KLAutoencoder(vae_config, with_encoder=vae_encoder)
     load_checked(vae, vae_state, str(folder / "vae"))
-    text_encoder = load_text_encoder(folder, layer=index.text_encoder_layer)
+    if (folder / "text_encoder_2").is_dir():  # SDXL
+        text_encoder = DualTextEncoder(load_text_encoder(folder, layer=index.text_encoder_layer),
+                                       load_text_encoder(folder, layer=index.text_encoder_layer, subfolder_model="text_encoder_2",
+                                                         subfolder_tokenizer="tokenizer_2", with_projection=True))
+        check_sdxl_conditioning(unet_config, text_encoder, str(folder / "unet" / CONFIG_NAME))
+    else:
+        text_encoder = load_text_encoder(folder, layer=index.text_encoder_layer)
     return ModelComponents(unet.eval(), vae.eval(), text_encoder, schedule, prediction_type, scaling_factor,
                            index.sample_size or vae_config.resolution,  # no sample_size (old exports): the VAE's size
-                           sampler_config)
+                           sampler_config, force_zeros_for_empty_prompt=index.force_zeros_for_empty_prompt)

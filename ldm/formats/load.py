@@ -6,7 +6,8 @@ Layouts, detected from the path:
 * a diffusers Stable Diffusion folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/``),
 * a Lightning ``.ckpt`` of ``LatentDiffusion`` (EMA weights by default),
-* an original SD single file, ``.safetensors`` or ``.ckpt`` (``model.diffusion_model.*`` ...).
+* an original SD single file, ``.safetensors`` or ``.ckpt`` (``model.diffusion_model.*`` ...), SD 1.x/2.x or SDXL
+  (``conditioner.embedders.*``, read by :mod:`ldm.formats.sdxl_single_file`).
 
 Each has its reader in its format's module; all return :class:`~ldm.formats.components.ModelComponents`.
 """
@@ -39,7 +40,8 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
         use_ema: EMA weights of a Lightning checkpoint or an SD file (``model_ema.*``) when present.
         prediction_type: Override the stored prediction type (needed for SD 2.x 768-v single files,
             whose weights cannot tell; for those it also sets the default sample size).
-        tokenizer: Tokenizer folder or hub id for an SD single file (which holds none).
+        tokenizer: Tokenizer folder or hub id for an SD single file (which holds none); for SDXL a folder with
+            ``tokenizer/`` and ``tokenizer_2/`` (a diffusers copy of the model).
         num_heads: UNet attention heads of an SD single file (shapes cannot tell them; see
             :func:`~ldm.formats.sd_single_file.read_sd_single_file`).
         num_head_channels: Channels per UNet attention head of an SD single file (instead of ``num_heads``).

@@ -1,5 +1,6 @@
 """Write a loaded model (:class:`~ldm.formats.components.ModelComponents`) in any format we write: our folder
-(``ldm``), a diffusers Stable Diffusion folder (``diffusers``) or an original SD single file (``sd``).
+(``ldm``), a diffusers Stable Diffusion folder (``diffusers``) or an original SD single file (``sd``); SDXL models in
+all three (the single file in Stability's SGM layout, :mod:`ldm.formats.sdxl_single_file`).
 
 The pipeline's ``save_pretrained`` and ``LatentDiffusion.save_pretrained`` both come here, so every export
 carries the same configs, schedule, prediction type, sample size and sampler settings.
@@ -25,14 +26,11 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
     for name, module in (("UNet", parts.unet), ("VAE", parts.vae), ("text encoder", parts.text_encoder)):
         check_finite_weights(module.state_dict(), f"the model's {name} (not written to {path})")
     sample_size = int(64 * parts.vae.downsampling_factor if parts.sample_size is None else parts.sample_size)
-    if parts.is_sdxl and format != "diffusers":
-        raise ValueError(f"an SDXL model is written as a diffusers folder (format='diffusers'); {format!r} is not "
-                         "supported for SDXL yet")
     if format == "ldm":
         vae_config = {**parts.vae_config.to_dict(), "scaling_factor": float(parts.scaling_factor), "disc_weight": 0.0}
         return write_pipeline_folder(path, parts.unet_config.to_dict(), parts.unet.state_dict(), vae_config, parts.vae.state_dict(),
                                      parts.text_encoder, parts.schedule.to_config(), parts.prediction_type, sample_size,
-                                     parts.sampler_config)
+                                     parts.sampler_config, parts.force_zeros_for_empty_prompt)
     if format == "diffusers":
         from ldm.formats.diffusers_folder import last_layer_text_encoder, write_diffusers_folder
 
@@ -55,6 +53,10 @@ def save_components(parts: ModelComponents, path: str | Path, format: str = "ldm
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"an SD single file is written as .safetensors; got {path.name}")
+        if parts.is_sdxl:  # Stability's SGM layout (conditioner.embedders.*)
+            from ldm.formats.sdxl_single_file import write_sdxl_single_file
+
+            return write_sdxl_single_file(path, parts, sample_size)
         return write_sd_single_file(path, parts.unet, parts.unet_config.to_dict(), parts.vae, parts.vae_config.to_dict(),
                                     parts.text_encoder, parts.schedule.to_config(), parts.prediction_type,
                                     float(parts.scaling_factor), sample_size, parts.sampler_config)

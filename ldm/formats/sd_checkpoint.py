@@ -3,7 +3,9 @@
 Layout: ``model.diffusion_model.*`` (UNet, our ``UNetModel`` names), ``first_stage_model.*`` (VAE, our
 ``KLAutoencoder`` names), ``cond_stage_model.*`` (text encoder: ``transformer.text_model.*`` for SD v1,
 OpenCLIP ``model.*`` for SD v2), and optionally the UNet's EMA under ``model_ema.*`` with the dots of
-the parameter names removed (``model_ema.diffusion_modelinput_blocks00weight``).
+the parameter names removed (``model_ema.diffusion_modelinput_blocks00weight``). SDXL files keep their two text
+encoders under ``conditioner.embedders.*`` instead (left in the split's ``other`` part for
+:mod:`ldm.formats.sdxl_single_file`) and their UNet's vector conditioning under ``label_emb.*``.
 
 Example:
     >>> parts = load_sd_checkpoint("v1-5-pruned.safetensors")
@@ -136,18 +138,27 @@ def _layout_error(state_dict: Mapping[str, torch.Tensor], missing: list[str], un
     )
 
 
-def detect_sd_variant(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def _block_count(unet: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of ``{prefix}N.`` transformer blocks among the keys (``prefix`` ends in ``transformer_blocks.``)."""
+    return len({k[len(prefix):].split(".")[0] for k in unet if k.startswith(prefix)})
+
+
+def detect_sd_variant(state_dict: Mapping[str, torch.Tensor], addition_time_embed_dim: int = 256) -> dict[str, Any]:
     """Infer SD version and our ``UNetModel`` config from tensor shapes.
 
     Args:
         state_dict: A whole single-file state dict (``model.diffusion_model.*`` keys) or the UNet part.
+        addition_time_embed_dim: For a UNet with vector conditioning (SDXL's ``label_emb``): the width of each
+            size/crop id's embedding inside it, which shapes alone cannot tell (SGM: 256).
 
     Returns:
-        ``{"version": "v1" | "v2", "inpainting": bool, "unet_config": {...}, "context_dim": int}``.
-        Version: cross-attention width 768 -> v1, 1024 -> v2; other widths (custom models) -> v2 when
-        the transformers use linear projections, else v1. Heads follow the version's convention
-        (v1: 8 heads; v2: 64-channel heads), which shapes cannot reveal; neither can the
-        prediction type (SD 2.x 768-v models predict v) — the caller must know it.
+        ``{"version": "v1" | "v2" | "xl", "inpainting": bool, "unet_config": {...}, "context_dim": int}``.
+        Version: a UNet with vector conditioning (``label_emb``) -> xl; else cross-attention width 768 -> v1,
+        1024 -> v2; other widths (custom models) -> v2 when the transformers use linear projections, else v1.
+        Transformer depth: one count when every attention level and the middle block agree, else one per level
+        (SDXL: ``(0, 2, 10)``) with the middle block's own count where it differs from the last level's.
+        Heads follow the version's convention (v1: 8 heads; v2 and xl: 64-channel heads), which shapes cannot
+        reveal; neither can the prediction type (SD 2.x 768-v models predict v) — the caller must know it.
 
     Raises:
         ValueError: for an unknown layout, listing some missing and unexpected keys.
@@ -166,8 +177,9 @@ def detect_sd_variant(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if not to_k:
         raise _layout_error(state_dict, ["middle_block.1.transformer_blocks.0.attn2.to_k.weight"], [], "no cross-attention")
     context_dim = int(unet[to_k[0]].shape[1])
-    version = {768: "v1", 1024: "v2"}.get(context_dim, "v2" if linear else "v1")
-    depth = len({k.split(".")[3] for k in unet if k.startswith("middle_block.1.transformer_blocks.")})
+    adm = unet.get("label_emb.0.0.weight")
+    version = "xl" if adm is not None else {768: "v1", 1024: "v2"}.get(context_dim, "v2" if linear else "v1")
+    middle = _block_count(unet, "middle_block.1.transformer_blocks.")
 
     # Walk input_blocks: level ends at a downsampler ("op").
     blocks = sorted({int(k.split(".")[1]) for k in unet if k.startswith("input_blocks.")})
@@ -182,13 +194,20 @@ def detect_sd_variant(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         raise _layout_error(state_dict, [], [f"input_blocks.{i}" for i in blocks], "irregular input blocks")
     channel_mult = []
     attention_resolutions = []
+    depths = []  # transformer blocks per level (0: no attention)
     for level, indices in enumerate(levels):
         width_key = f"input_blocks.{indices[0]}.0.out_layers.3.weight"
         if width_key not in unet:
             raise _layout_error(state_dict, [width_key], [], "no ResBlock at the start of a level")
         channel_mult.append(int(unet[width_key].shape[0]) // model_channels)
+        depths.append(0)
         if f"input_blocks.{indices[0]}.1.proj_in.weight" in unet:
             attention_resolutions.append(2**level)
+            depths[-1] = _block_count(unet, f"input_blocks.{indices[0]}.1.transformer_blocks.")
+    depth: int | tuple[int, ...] = middle
+    depth_middle = None
+    if {d for d in depths if d} - {middle}:
+        depth, depth_middle = tuple(depths), None if middle == depths[-1] else middle
     unet_config: dict[str, Any] = dict(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -202,6 +221,10 @@ def detect_sd_variant(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         transformer_depth=depth,
         use_linear_in_transformer=linear,
     )
+    if depth_middle is not None:
+        unet_config["transformer_depth_middle"] = depth_middle
+    if adm is not None:
+        unet_config.update(adm_in_channels=int(adm.shape[1]), addition_time_embed_dim=addition_time_embed_dim)
     # Head counts do not change shapes; build with 1 head so custom widths always construct.
     probe = dict(unet_config, num_heads=1, num_head_channels=-1)
     try:

@@ -12,7 +12,8 @@ original SD config YAML next to the file (``v2-inference-v.yaml`` style: ``param
 finally from SD's defaults (v1: 8 heads; v2: 64-channel heads; the original samplers' conventions: leading
 timesteps ``1 + k * T // n``, DDIM's last step to ``alphas_cumprod[0]``). A single file holds no tokenizer: pass
 ``tokenizer=`` (a local folder) where the SD default (``openai/clip-vit-large-patch14`` for v1,
-``stabilityai/stable-diffusion-2-1`` for v2) cannot be downloaded.
+``stabilityai/stable-diffusion-2-1`` for v2) cannot be downloaded. SDXL files (SGM layout) are read and written by
+:mod:`ldm.formats.sdxl_single_file`, which builds on the helpers here.
 """
 
 from __future__ import annotations
@@ -147,14 +148,19 @@ def _stored_config(cls: type[_C], stored: dict[str, Any], key: str, inferred: di
         raise error.located(_meta_source(path), prefix=key) from None
 
 
+def tokenizer_from_files(files: dict[str, str]) -> CLIPTokenizer:
+    """A CLIP tokenizer from its files' texts (name -> text), as :func:`tokenizer_files` recorded them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
 def _tokenizer(explicit: str | Path | None, stored: dict[str, str], version: str) -> CLIPTokenizer:
     if explicit is not None:
         return load_clip_tokenizer(explicit)
     if stored:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, text in stored.items():
-                (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
-            return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+        return tokenizer_from_files(stored)
     name = DEFAULT_TOKENIZERS[version]
     try:
         return load_clip_tokenizer(name)
@@ -203,6 +209,28 @@ def _text_encoder(part: dict[str, torch.Tensor], layout: str, stored: dict[str, 
     return TextEncoder(model, tokenizer, layer=layer, max_length=max_length).eval()
 
 
+def read_vae_part(state: dict[str, torch.Tensor], stored: dict[str, Any], path: Path, vae_encoder: bool) -> KLAutoencoder:
+    """The VAE of a single file (``first_stage_model.*`` without the prefix): its config from the header's ``vae``
+    entry (``stored``, completed by the shapes), else inferred from the shapes.
+
+    Raises:
+        ValueError: without VAE weights, for an unknown layout, or weights that do not fit, naming ``path``.
+    """
+    if not state:
+        raise ValueError(f"{path} has no VAE (first_stage_model.*); load the VAE separately or use a full checkpoint")
+    try:
+        inferred = vae_config_from_state_dict(state)
+    except KeyError as error:
+        if "vae" not in stored:
+            raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
+        inferred = {}
+    config = _stored_config(AutoencoderConfig, stored, "vae", inferred, path) if "vae" in stored \
+        else AutoencoderConfig.from_dict(inferred)
+    vae = KLAutoencoder(config, with_encoder=vae_encoder)
+    _load_strict(vae, state, "VAE", path)
+    return vae
+
+
 def read_sd_single_file(
     path: str | Path,
     use_ema: bool = True,
@@ -213,7 +241,8 @@ def read_sd_single_file(
     num_head_channels: int | None = None,
     vae_encoder: bool = True,
 ) -> ModelComponents:
-    """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely).
+    """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely); an SDXL file
+    (``conditioner.embedders.*``) is read by :func:`~ldm.formats.sdxl_single_file.read_sdxl_parts`.
 
     Args:
         path: The checkpoint.
@@ -236,6 +265,12 @@ def read_sd_single_file(
     """
     path = Path(path)
     parts = load_sd_checkpoint(path, use_ema=use_ema)
+    from ldm.formats.sdxl_single_file import is_sdxl_checkpoint, read_sdxl_parts  # it builds on this module
+
+    if is_sdxl_checkpoint(parts):
+        return read_sdxl_parts(path, parts, prediction_type=prediction_type, tokenizer=tokenizer,
+                               text_encoder_layer=text_encoder_layer, num_heads=num_heads,
+                               num_head_channels=num_head_channels, vae_encoder=vae_encoder)
     stored, stored_tokenizer = _read_metadata(path)
     meta = _meta_source(path)
     sidecar = _sidecar_yaml(path)
@@ -258,18 +293,7 @@ def read_sd_single_file(
         raise ValueError(f"{path}: the UNet's head settings do not fit its widths ({error}); pass num_heads or "
                          "num_head_channels that divide every attention block's channels") from error
     _load_strict(unet, parts["unet"], "UNet", path)
-    if not parts["vae"]:
-        raise ValueError(f"{path} has no VAE (first_stage_model.*); load the VAE separately or use a full checkpoint")
-    try:
-        inferred_vae = vae_config_from_state_dict(parts["vae"])
-    except KeyError as error:
-        if "vae" not in stored:
-            raise ValueError(f"{path}: unknown VAE layout under first_stage_model.: {error}") from error
-        inferred_vae = {}
-    vae_config = _stored_config(AutoencoderConfig, stored, "vae", inferred_vae, path) if "vae" in stored \
-        else AutoencoderConfig.from_dict(inferred_vae)
-    vae = KLAutoencoder(vae_config, with_encoder=vae_encoder)
-    _load_strict(vae, parts["vae"], "VAE", path)
+    vae = read_vae_part(parts["vae"], stored, path, vae_encoder)
     layout = _text_layout(parts["text_encoder"], path)
     tok = _tokenizer(tokenizer, stored_tokenizer, layout)
     text_encoder = _text_encoder(parts["text_encoder"], layout, stored, text_encoder_layer, tok, path)
@@ -307,7 +331,20 @@ def read_sd_single_file(
                            variant=variant["version"])
 
 
-def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:
+def text_config_record(model: Any) -> dict[str, Any]:
+    """The shape fields of a CLIP text model's config, as the ``ldm.model`` header entry records them."""
+    config = model.config.to_dict()
+    return {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+                                   "bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+
+
+def tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:
+    """The files ``tokenizer.save_pretrained`` writes (name -> text), for a safetensors header entry."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # don't record the padding/truncation state of the last call (transformers v5)
+        backend.no_padding()
+        backend.no_truncation()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
@@ -337,10 +374,7 @@ def write_sd_single_file(
     clip_state = text_encoder.model.state_dict()
     openclip = text_encoder.model.config.hidden_act == "gelu"
     text_state = transformers_to_openclip(clip_state) if openclip else transformers_to_sd_v1_clip(clip_state)
-    config = text_encoder.model.config.to_dict()
-    text_config = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                          "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
-                                          "bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    text_config = text_config_record(text_encoder.model)
     meta = {
         "unet": unet_config,
         "vae": vae_config,
@@ -353,5 +387,5 @@ def write_sd_single_file(
         "sample_size": int(sample_size),
         **sampler_config.to_dict(),
     }
-    header = {META_KEY: json.dumps(meta, default=list), TOKENIZER_KEY: json.dumps(_tokenizer_files(text_encoder.tokenizer))}
+    header = {META_KEY: json.dumps(meta, default=list), TOKENIZER_KEY: json.dumps(tokenizer_files(text_encoder.tokenizer))}
     return save_sd_checkpoint(path, unet.state_dict(), vae.state_dict(), text_state, metadata=header)
