@@ -18,10 +18,12 @@ Example:
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -107,9 +109,17 @@ def keep_lora_fp32(module: nn.Module) -> nn.Module:
     return module
 
 
+def _lora_weights(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter weight parameters of ``module``, keyed ``<layer>.lora_A.weight`` / ``.lora_B.weight``. Read from the
+    LoRA layers themselves, so they are found whichever module :func:`add_lora` was given (a pipeline's text encoder
+    wrapper, its ``CLIPTextModel``, or a module holding both of SDXL's encoders)."""
+    return {f"{name}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[ADAPTER].weight
+            for name, layer in lora_layers(module).items() for ab in ("A", "B")}
+
+
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights only, with our module names: ``<layer>.lora_A.weight`` / ``.lora_B.weight``."""
-    return {k: v.detach() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+    return {k: v.detach() for k, v in _lora_weights(module).items()}
 
 
 def set_lora_scale(module: nn.Module, scale: float) -> None:
@@ -132,8 +142,9 @@ def remove_lora(module: nn.Module, merge: bool = False) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, layer.get_base_layer())
-    if hasattr(module, "peft_config"):
-        del module.peft_config
+    for sub in module.modules():  # peft's record of the injection, on whichever module add_lora was given
+        if "peft_config" in vars(sub):
+            del sub.peft_config
     return module
 
 
@@ -171,14 +182,56 @@ def lora_hparams(module: nn.Module) -> tuple[int, float]:
 def set_lora_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Replace the adapter weights of ``module`` (which has adapters) by ``state``, keyed like :func:`lora_state_dict`.
 
-    The adapters end up in float32 and are the only parameters that require grad.
+    The adapters end up in float32 and are the only parameters that require grad. Nothing is changed unless every
+    tensor fits.
 
     Raises:
         ValueError: If ``state`` does not cover exactly the module's LoRA layers.
+        RuntimeError: If a tensor's shape differs from its adapter's (another rank or layer width).
     """
-    result = set_peft_model_state_dict(module, dict(state), adapter_name=ADAPTER)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    params = _lora_weights(module)
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
         raise ValueError(f"adapters do not match the model's LoRA layers (missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+    wrong = next((k for k, p in params.items() if tuple(state[k].shape) != tuple(p.shape)), None)
+    if wrong is not None:
+        raise RuntimeError(f"size mismatch for {wrong}: copying a param with shape {tuple(state[wrong].shape)}, the "
+                           f"shape in the current model is {tuple(params[wrong].shape)}")
+    for key, param in params.items():
+        param.data = state[key].detach().to(device=param.device, dtype=torch.float32).clone()
     _train_only_lora(keep_lora_fp32(module))
+
+
+def lora_layer_hparams(module: nn.Module) -> dict[str, tuple[int, float]]:
+    """(rank, alpha) of every LoRA layer of ``module``, by layer name (they may differ between layers)."""
+    return {name: (layer.r[ADAPTER], float(layer.lora_alpha[ADAPTER])) for name, layer in lora_layers(module).items()}
+
+
+def most_common(values: Sequence[int] | Sequence[float]) -> int | float:
+    """The value most layers share (the first one seen on a tie): a LoRA's headline rank or alpha."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def put_lora_weights(module: nn.Module, state: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
+                     alphas: Mapping[str, float]) -> None:
+    """Give ``module`` the adapters of a LoRA file: ``state`` keyed like :func:`lora_state_dict`, with each layer's rank
+    and alpha. A module without adapters gets them injected into exactly those layers (each with its own rank and
+    alpha, as kohya's block dims and peft's ``rank_pattern`` allow); a module with adapters gets their weights replaced.
+
+    Raises:
+        ValueError: If the module's adapters differ from the file's in a layer's rank or alpha, or cover other layers.
+    """
+    if not lora_layers(module):
+        rank, alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
+        add_lora(module, rank=rank, alpha=alpha, target_modules=sorted(ranks),
+                 rank_pattern={re.escape(n): r for n, r in ranks.items() if r != rank},  # peft reads these as regexes
+                 alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != alpha})
+    else:
+        have = lora_layer_hparams(module)
+        wrong = [n for n in ranks if n in have and have[n] != (ranks[n], float(alphas[n]))]
+        if wrong:
+            raise ValueError(f"layer {wrong[0]} has rank/alpha {ranks[wrong[0]]}/{alphas[wrong[0]]:g} in the file but "
+                             f"{have[wrong[0]][0]}/{have[wrong[0]][1]:g} in the adapters already on the model; load onto a "
+                             "model without adapters")
+    set_lora_state_dict(module, state)

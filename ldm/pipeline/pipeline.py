@@ -120,7 +120,8 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ LoRA
     def load_lora(self, path: str | Path, scale: float = 1.0) -> "LatentDiffusionPipeline":
-        """Load a LoRA adapter file (ours or diffusers' layout) onto the UNet (and text encoder when it has one)."""
+        """Load a LoRA adapter file (diffusers' or kohya's layout, SD 1.x/2.x or SDXL) onto the UNet and the text
+        encoder(s) it has adapters for; see :func:`ldm.formats.lora_files.load_lora`."""
         from ldm.formats.lora_files import load_lora
 
         load_lora(self, path, scale=scale)
