@@ -73,8 +73,8 @@ class LatentDiffusionPipeline:
                         num_heads: int | None = None, num_head_channels: int | None = None,
                         vae_dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
         """Load a model in any layout ldm reads, detected from ``path``: our exported folder, a diffusers Stable
-        Diffusion folder, a Lightning ``.ckpt`` of ``LatentDiffusion`` or an original SD single file
-        (``.safetensors``/``.ckpt``, v1/v2/inpainting).
+        Diffusion (or SDXL) folder, a Lightning ``.ckpt`` of ``LatentDiffusion`` or an original SD single file
+        (``.safetensors``/``.ckpt``, v1/v2/inpainting/XL).
 
         Args:
             path: The model.
@@ -83,7 +83,8 @@ class LatentDiffusionPipeline:
             use_ema: EMA weights of a Lightning checkpoint or SD file, when present.
             prediction_type: ``epsilon`` or ``v_prediction``, overriding the stored one (an SD 2.x 768-v single
                 file needs ``v_prediction``, or its YAML beside it; then the default size is 768).
-            tokenizer: Tokenizer folder (or hub id) for an SD single file, which holds none.
+            tokenizer: Tokenizer folder (or hub id) for an SD single file, which holds none (SDXL: a folder with
+                ``tokenizer/`` and ``tokenizer_2/``).
             num_heads: UNet attention heads of an SD single file whose heads differ from SD's (shapes cannot
                 tell; else from its YAML beside it, or SD's: v1 8 heads, v2 64-channel heads).
             num_head_channels: Channels per UNet attention head of such a file, instead of ``num_heads``.
