@@ -24,7 +24,9 @@ from ldm.formats.config_files import read_json_config
 from ldm.formats.diffusers_folder import read_diffusers_folder
 from ldm.formats.ldm_folder import read_ldm_folder
 from ldm.formats.lightning_ckpt import read_lightning_checkpoint
-from ldm.formats.sd_single_file import read_sd_single_file
+from ldm.formats.sd_checkpoint import is_sdxl_checkpoint, load_sd_checkpoint
+from ldm.formats.sd_single_file import read_sd_parts
+from ldm.formats.sdxl_single_file import read_sdxl_parts
 from ldm.nn.configs import ConfigError
 
 __all__ = ["load_components"]
@@ -43,7 +45,8 @@ def load_components(path: str | Path, use_ema: bool = True, prediction_type: str
         tokenizer: Tokenizer folder or hub id for an SD single file (which holds none); for SDXL a folder with
             ``tokenizer/`` and ``tokenizer_2/`` (a diffusers copy of the model).
         num_heads: UNet attention heads of an SD single file (shapes cannot tell them; see
-            :func:`~ldm.formats.sd_single_file.read_sd_single_file`).
+            :func:`~ldm.formats.sd_single_file.read_sd_single_file`; SDXL:
+            :func:`~ldm.formats.sdxl_single_file.read_sdxl_single_file`).
         num_head_channels: Channels per UNet attention head of an SD single file (instead of ``num_heads``).
         vae_encoder: False builds the VAE without its encoder (training from precomputed latents): its weights are
             read only to hash them (``vae.encoder_fingerprint()``) and are then dropped.
@@ -102,5 +105,7 @@ def _from_file(path: Path, use_ema: bool, tokenizer: str | Path | None, predicti
             _no_head_override(path, num_heads, num_head_channels)
             return read_lightning_checkpoint(path, ckpt, load_components, use_ema, vae_encoder)
         del ckpt
-    return read_sd_single_file(path, use_ema=use_ema, prediction_type=prediction_type, tokenizer=tokenizer,
-                               num_heads=num_heads, num_head_channels=num_head_channels, vae_encoder=vae_encoder)
+    parts = load_sd_checkpoint(path, use_ema=use_ema)  # read once, then SD 1.x/2.x or SDXL
+    read = read_sdxl_parts if is_sdxl_checkpoint(parts) else read_sd_parts
+    return read(path, parts, prediction_type=prediction_type, tokenizer=tokenizer, num_heads=num_heads,
+                num_head_channels=num_head_channels, vae_encoder=vae_encoder)

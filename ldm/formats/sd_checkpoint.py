@@ -240,6 +240,15 @@ def detect_sd_variant(state_dict: Mapping[str, torch.Tensor], addition_time_embe
     return {"version": version, "inpainting": in_channels == 9, "unet_config": unet_config, "context_dim": context_dim}
 
 
+CONDITIONER_PREFIX = "conditioner.embedders."  # SDXL's text encoders (SGM's conditioner)
+
+
+def is_sdxl_checkpoint(parts: dict[str, Any]) -> bool:
+    """Whether a split single file (:func:`split_sd_state_dict`) is SDXL-shaped: it has ``conditioner.embedders.*``
+    text encoders or a UNet with vector conditioning (``label_emb``)."""
+    return "label_emb.0.0.weight" in parts["unet"] or any(k.startswith(CONDITIONER_PREFIX) for k in parts["other"])
+
+
 def _contiguous_unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()

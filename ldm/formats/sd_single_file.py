@@ -40,7 +40,7 @@ from ldm.formats.clip_keys import (
     transformers_to_openclip,
     transformers_to_sd_v1_clip,
 )
-from ldm.formats.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint
+from ldm.formats.sd_checkpoint import detect_sd_variant, is_sdxl_checkpoint, load_sd_checkpoint, save_sd_checkpoint
 from ldm.formats.text_encoder_files import check_clip_text_config, load_clip_tokenizer
 from ldm.formats.vae_keys import vae_config_from_state_dict
 from ldm.nn.autoencoder import KLAutoencoder
@@ -241,8 +241,8 @@ def read_sd_single_file(
     num_head_channels: int | None = None,
     vae_encoder: bool = True,
 ) -> ModelComponents:
-    """Build a whole model from an original SD single file (``.safetensors`` or ``.ckpt``, read safely); an SDXL file
-    (``conditioner.embedders.*``) is read by :func:`~ldm.formats.sdxl_single_file.read_sdxl_parts`.
+    """Build a whole model from an original SD 1.x/2.x single file (``.safetensors`` or ``.ckpt``, read safely); an
+    SDXL file (``conditioner.embedders.*``) is refused here: :func:`ldm.formats.load.load_components` reads both.
 
     Args:
         path: The checkpoint.
@@ -265,12 +265,19 @@ def read_sd_single_file(
     """
     path = Path(path)
     parts = load_sd_checkpoint(path, use_ema=use_ema)
-    from ldm.formats.sdxl_single_file import is_sdxl_checkpoint, read_sdxl_parts  # it builds on this module
-
     if is_sdxl_checkpoint(parts):
-        return read_sdxl_parts(path, parts, prediction_type=prediction_type, tokenizer=tokenizer,
-                               text_encoder_layer=text_encoder_layer, num_heads=num_heads,
-                               num_head_channels=num_head_channels, vae_encoder=vae_encoder)
+        raise ValueError(f"{path} is an SDXL single file: read it with ldm.formats.load_components (or "
+                         "LatentDiffusionPipeline.from_pretrained), which detects SDXL, or read_sdxl_single_file")
+    return read_sd_parts(path, parts, prediction_type, tokenizer, text_encoder_layer, num_heads, num_head_channels,
+                         vae_encoder)
+
+
+def read_sd_parts(path: Path, parts: dict[str, Any], prediction_type: str | None = None,
+                  tokenizer: str | Path | None = None, text_encoder_layer: str | None = None,
+                  num_heads: int | None = None, num_head_channels: int | None = None,
+                  vae_encoder: bool = True) -> ModelComponents:
+    """Build the model of an SD 1.x/2.x single file already read and split (:func:`load_sd_checkpoint`); the
+    arguments are :func:`read_sd_single_file`'s."""
     stored, stored_tokenizer = _read_metadata(path)
     meta = _meta_source(path)
     sidecar = _sidecar_yaml(path)

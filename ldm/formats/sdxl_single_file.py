@@ -43,7 +43,8 @@ from ldm.formats.components import ModelComponents
 from ldm.formats.config_files import (ScheduleConfig, check_prediction_type, check_sample_size, check_scaling_factor,
                                       parse_json_config, sampler_config_from)
 from ldm.formats.diffusers_folder import check_sdxl_conditioning
-from ldm.formats.sd_checkpoint import UNET_PREFIX, VAE_PREFIX, _contiguous_unshared, detect_sd_variant, load_sd_checkpoint
+from ldm.formats.sd_checkpoint import (CONDITIONER_PREFIX, UNET_PREFIX, VAE_PREFIX, _contiguous_unshared, detect_sd_variant,
+                                      is_sdxl_checkpoint, load_sd_checkpoint)
 from ldm.formats.sd_single_file import (META_KEY, SD_SAMPLER, TOKENIZER_KEY, _head_settings, _load_strict, _meta_source,
                                         _read_metadata, _stored_config, read_header_metadata, read_vae_part,
                                         text_config_record, tokenizer_files, tokenizer_from_files)
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 __all__ = ["is_sdxl_checkpoint", "read_sdxl_single_file", "read_sdxl_parts", "sdxl_checkpoint_state", "sdxl_text_states",
            "sdxl_unet_config_from_state", "write_sdxl_single_file"]
 
-CONDITIONER_PREFIX = "conditioner.embedders."
 CLIP_L_PREFIX = "conditioner.embedders.0."  # + transformer.text_model.*
 BIGG_PREFIX = "conditioner.embedders.1."  # + model.*
 TOKENIZER_2_KEY = "ldm.tokenizer_2"
@@ -70,12 +70,6 @@ DEFAULT_SDXL_TOKENIZERS = "stabilityai/stable-diffusion-xl-base-1.0"
 V_PRED_MARKER = "v_pred"  # an empty tensor some v-prediction SDXL fine-tunes carry (ComfyUI's convention)
 _FIX = ("use a complete SDXL base checkpoint (UNet, VAE and both text encoders), or load a diffusers copy of the "
         "model (a folder with text_encoder/ and text_encoder_2/)")
-
-
-def is_sdxl_checkpoint(parts: dict[str, Any]) -> bool:
-    """Whether a split single file (:func:`~ldm.formats.sd_checkpoint.split_sd_state_dict`) is SDXL-shaped: it has
-    ``conditioner.embedders.*`` text encoders or a UNet with vector conditioning (``label_emb``)."""
-    return "label_emb.0.0.weight" in parts["unet"] or any(k.startswith(CONDITIONER_PREFIX) for k in parts["other"])
 
 
 def _text_parts(other: dict[str, torch.Tensor], path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
