@@ -86,3 +86,22 @@ def test_sdxl_training_conditioning_uses_sizes_and_zeroes_dropped_captions(tiny_
     dropped_context, dropped_y = sdxl_training_conditioning(model, batch, g(), 1.0, (32, 32))
     assert dropped_context.abs().max() == 0 and dropped_y[:, :16].abs().max() == 0  # both encoders' embeddings
     torch.testing.assert_close(dropped_y[:, 16:], y[:, 16:])  # the size ids stay
+
+
+def test_sdxl_lora_with_both_text_encoders_exports_kohya_layout(tmp_path, monkeypatch, tiny_sdxl):
+    from safetensors import safe_open
+
+    model, data = tiny_sdxl
+    monkeypatch.chdir(tmp_path)
+    _fit("sdxl-lora.yaml", model, data, "--model.optimizer.learning_rate", "0.01", "--model.lora_format", "kohya",
+         "--model.lora_text_encoder", "true")
+    folder = tmp_path / "checkpoints" / "sdxl-lora"
+    with safe_open(str(folder / "sdxl-lora.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # SGM module paths
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    plain = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False, height=32, width=32).images
+    pipe.load_lora(folder)
+    tuned = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False, height=32, width=32).images
+    assert torch.isfinite(tuned).all() and (tuned - plain).abs().max() > 1e-5
