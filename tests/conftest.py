@@ -171,3 +171,15 @@ def finish_or_kill(proc, timeout: float, what: str) -> str:
         output, _ = proc.communicate()
         pytest.fail(f"{what} (killed after {timeout} s):\n{output[-4000:]}")
     return output
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and several threads thrash on a shared 2-core machine); a module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

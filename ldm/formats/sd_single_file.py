@@ -231,6 +231,26 @@ def read_vae_part(state: dict[str, torch.Tensor], stored: dict[str, Any], path: 
     return vae
 
 
+def read_unet_part(state: dict[str, torch.Tensor], inferred: dict[str, Any], stored: dict[str, Any],
+                   heads: dict[str, int] | None, path: Path) -> UNetModel:
+    """The UNet of a single file: the config our header stores (the shapes fill in what an old export left out; heads
+    from UNetConfig's defaults, as then), else the one ``inferred`` from the shapes; ``heads`` override; weights
+    loaded strictly (errors name ``path``)."""
+    if "unet" in stored:
+        shape = {k: v for k, v in inferred.items() if k not in ("num_heads", "num_head_channels")}
+        config = _stored_config(UNetConfig, stored, "unet", shape, path).to_dict()
+    else:
+        config = dict(inferred)
+    config.update(heads or {})
+    try:
+        unet = UNetModel(**config)
+    except ValueError as error:
+        raise ValueError(f"{path}: the UNet's head settings do not fit its widths ({error}); pass num_heads or "
+                         "num_head_channels that divide every attention block's channels") from error
+    _load_strict(unet, state, "UNet", path)
+    return unet
+
+
 def read_sd_single_file(
     path: str | Path,
     use_ema: bool = True,
@@ -285,21 +305,10 @@ def read_sd_parts(path: Path, parts: dict[str, Any], prediction_type: str | None
     if not parts["unet"]:
         raise ValueError(f"{path} has no UNet weights (model.diffusion_model.*); keys look like {sorted(parts['other'])[:5]}")
     variant = detect_sd_variant(parts["unet"])
-    if "unet" in stored:  # the shapes fill in what an old export left out (heads: UNetConfig's defaults, as then)
-        shape = {k: v for k, v in variant["unet_config"].items() if k not in ("num_heads", "num_head_channels")}
-        unet_config = _stored_config(UNetConfig, stored, "unet", shape, path).to_dict()
-    else:
-        unet_config = dict(variant["unet_config"])
     heads = _head_settings(num_heads, num_head_channels, "the arguments")
     if heads is None and "unet" not in stored:
         heads = _yaml_heads(sidecar, path)
-    unet_config.update(heads or {})
-    try:
-        unet = UNetModel(**unet_config)
-    except ValueError as error:
-        raise ValueError(f"{path}: the UNet's head settings do not fit its widths ({error}); pass num_heads or "
-                         "num_head_channels that divide every attention block's channels") from error
-    _load_strict(unet, parts["unet"], "UNet", path)
+    unet = read_unet_part(parts["unet"], variant["unet_config"], stored, heads, path)
     vae = read_vae_part(parts["vae"], stored, path, vae_encoder)
     layout = _text_layout(parts["text_encoder"], path)
     tok = _tokenizer(tokenizer, stored_tokenizer, layout)

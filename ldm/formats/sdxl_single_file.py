@@ -46,10 +46,10 @@ from ldm.formats.diffusers_folder import check_sdxl_conditioning
 from ldm.formats.sd_checkpoint import (CONDITIONER_PREFIX, UNET_PREFIX, VAE_PREFIX, _contiguous_unshared, detect_sd_variant,
                                       is_sdxl_checkpoint, load_sd_checkpoint)
 from ldm.formats.sd_single_file import (META_KEY, SD_SAMPLER, TOKENIZER_KEY, _head_settings, _load_strict, _meta_source,
-                                        _read_metadata, _stored_config, read_header_metadata, read_vae_part,
+                                        _read_metadata, _stored_config, read_header_metadata, read_unet_part, read_vae_part,
                                         text_config_record, tokenizer_files, tokenizer_from_files)
 from ldm.formats.text_encoder_files import _looks_local, check_clip_text_config, load_clip_tokenizer
-from ldm.nn.configs import ConfigError, UNetConfig
+from ldm.nn.configs import ConfigError
 from ldm.nn.dual_text_encoder import DualTextEncoder
 from ldm.nn.text_encoder import LAYERS, TextEncoder
 from ldm.nn.unet import UNetModel
@@ -144,19 +144,7 @@ def sdxl_unet_config_from_state(unet: dict[str, torch.Tensor], pooled_size: int 
 def _unet(parts: dict[str, Any], stored: dict[str, Any], pooled_size: int, heads: dict[str, int] | None,
           path: Path) -> UNetModel:
     inferred = sdxl_unet_config_from_state(parts["unet"], pooled_size, path)
-    if "unet" in stored:
-        shape = {k: v for k, v in inferred.items() if k not in ("num_heads", "num_head_channels")}
-        config = _stored_config(UNetConfig, stored, "unet", shape, path).to_dict()
-    else:
-        config = inferred
-    config.update(heads or {})
-    try:
-        unet = UNetModel(**config)
-    except ValueError as error:
-        raise ValueError(f"{path}: the UNet's head settings do not fit its widths ({error}); pass num_heads or "
-                         "num_head_channels that divide every attention block's channels") from error
-    _load_strict(unet, parts["unet"], "UNet", path)
-    return unet.eval()
+    return read_unet_part(parts["unet"], inferred, stored, heads, path).eval()
 
 
 def _tokenizer_header(path: Path) -> dict[str, str]:

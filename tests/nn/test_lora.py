@@ -27,13 +27,7 @@ TINY_DIFFUSERS = dict(  # the shared tiny config, with attention at both levels 
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and several threads thrash on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_unet(seed: int = 0) -> UNetModel:

@@ -46,12 +46,7 @@ TEXT_TARGETS = [*TEXT_ENCODER_TARGETS, "fc1", "fc2"]
 ODD = "middle_block.1.proj_out"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_lora_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
