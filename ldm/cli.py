@@ -232,6 +232,15 @@ def _generate_main(args: list[str]) -> None:
     parser.add_argument("--model", required=True, help="ldm or diffusers folder (e.g. checkpoints/demo), LatentDiffusion .ckpt or SD single file")
     _add_loading_args(parser)
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    sdxl = parser.add_argument_group("SDXL models")
+    sdxl.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: the prompt)")
+    sdxl.add_argument("--negative-prompt-2", default=None, help="negative prompt for the second text encoder")
+    sdxl.add_argument("--original-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
+                      help="micro-conditioning: the original image size (default: the output size)")
+    sdxl.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                      help="micro-conditioning: the crop's top-left corner (default: 0 0)")
+    sdxl.add_argument("--target-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
+                      help="micro-conditioning: the target size (default: the output size)")
     _add_sampling_args(parser, steps=25, karras=True)
     parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="the VAE's dtype (fp32 by default; SDXL's original VAE overflows in fp16: a decode that gives "
@@ -259,6 +268,9 @@ def _generate_main(args: list[str]) -> None:
     pipe = _load_pipeline(ns, device)
     common = dict(negative_prompt=ns.negative_prompt, num_inference_steps=ns.steps, guidance_scale=ns.guidance, sampler=ns.sampler,
                   num_images_per_prompt=ns.num_images, seed=ns.seed, karras_sigmas=ns.karras)
+    sdxl_args = dict(prompt_2=ns.prompt_2, negative_prompt_2=ns.negative_prompt_2, original_size=ns.original_size,
+                     crops_coords_top_left=ns.crop_top_left, target_size=ns.target_size)
+    common.update({k: tuple(v) if isinstance(v, list) else v for k, v in sdxl_args.items() if v is not None})
     mode = "txt2img"
     if ns.init_image:
         init = load_rgb(ns.init_image)
