@@ -89,7 +89,7 @@ def judge_orientation(classifier: Any, images: torch.Tensor) -> tuple[np.ndarray
     return digits, (classes % 2).astype(bool)
 
 
-def evaluate_mirrored_prompts(pipe, steps: int = 20, guidance: float = 5.0, sampler: str = "dpmpp_2m", per_digit: int = 10,
+def evaluate_mirrored_prompts(pipe, steps: int = 20, guidance: float = 5.0, sampler: str = "dpmpp_2m", per_digit: int = 20,
                               seed: int = 0, grid_path: str | Path | None = None, batch_size: int = 100) -> dict[str, Any]:
     """Generate ``per_digit`` samples of the mirrored and the normal prompt of each digit and judge them.
 
