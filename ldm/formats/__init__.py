@@ -16,6 +16,7 @@ from ldm.formats.lora_files import load_lora, save_lora
 from ldm.formats.save import save_components
 from ldm.formats.sd_checkpoint import detect_sd_variant, load_sd_checkpoint, save_sd_checkpoint, split_sd_state_dict
 from ldm.formats.sd_single_file import read_sd_single_file, write_sd_single_file
+from ldm.formats.sdxl_single_file import read_sdxl_single_file
 from ldm.formats.text_encoder_files import load_text_encoder, new_text_encoder
 from ldm.formats.unet_keys import diffusers_to_ldm_unet, ldm_to_diffusers_unet, unet_config_from_diffusers, unet_config_to_diffusers
 from ldm.formats.vae_keys import diffusers_to_ldm_vae, ldm_to_diffusers_vae, vae_config_from_diffusers, vae_config_to_diffusers
@@ -39,6 +40,7 @@ __all__ = [
     "read_ldm_folder",
     "read_lightning_checkpoint",
     "read_sd_single_file",
+    "read_sdxl_single_file",
     "read_vae_scaling_factor",
     "save_components",
     "save_lora",
