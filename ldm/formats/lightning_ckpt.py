@@ -136,6 +136,9 @@ def components_from_hparams(h: Mapping[str, Any], load: Loader, vae_encoder: boo
         if layer is not None:
             if layer not in LAYERS:
                 raise ValueError(f"text_encoder_layer={layer!r}; use one of {LAYERS}")
+            if parts.is_sdxl:
+                raise ValueError(f"text_encoder_layer={layer!r}: {init_from} is an SDXL model, whose two text encoders "
+                                 "are read at SDXL's layer (penultimate, no final norm); leave text_encoder_layer out")
             parts.text_encoder.layer = layer
         return parts
     autoencoder, unet = h.get("autoencoder"), h.get("unet")

@@ -105,6 +105,11 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
     dict of its fields; ``hparams`` (and so checkpoints) hold them as dicts, the module as ``self.objective``,
     ``self.optimizer_config`` and ``self.validation``.
 
+    SDXL (``init_from`` an SDXL model, two text encoders): the context is both encoders' tokens and the UNet's vector
+    input the pooled embedding with each sample's size micro-conditioning (the batches' ``size_conditioning``, the
+    training resolution as the target); caption dropout zeroes both embeddings; ``lora_text_encoder`` adapts both
+    encoders (``ldm.models.sdxl_training``).
+
     Precomputed latents: batches that carry ``moments`` (``PrecomputedLatentsDataModule``, from ``ldm data encode``)
     are trained on without encoding images, and batches that carry ``context`` without running a frozen text
     encoder (caption dropout then swaps in the stored empty-prompt embedding, as the cache path does; a trained text

@@ -105,3 +105,11 @@ def test_sdxl_lora_with_both_text_encoders_exports_kohya_layout(tmp_path, monkey
     pipe.load_lora(folder)
     tuned = pipe("image 1", num_inference_steps=2, seed=0, output_type="pt", progress=False, height=32, width=32).images
     assert torch.isfinite(tuned).all() and (tuned - plain).abs().max() > 1e-5
+
+
+def test_a_text_encoder_layer_for_an_sdxl_model_is_refused(tiny_sdxl):
+    from ldm.models import LatentDiffusion
+
+    model_path, _ = tiny_sdxl
+    with pytest.raises(ValueError, match="SDXL model.*leave text_encoder_layer out"):
+        LatentDiffusion(init_from=str(model_path), text_encoder_layer="last")
