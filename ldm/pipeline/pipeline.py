@@ -314,7 +314,7 @@ class LatentDiffusionPipeline:
         known = None
         if init_image is not None:
             init = init_image.to(self.device).expand(len(prompts), -1, -1, -1)
-            known = self.vae.encode(init).mode() * self.scaling_factor
+            known = self._encode(init)
         latent_mask = mask_to_latent(mask.to(self.device), shape[1:]) if mask is not None else None
         extra = self._inpainting_channels(init_image, mask, len(prompts), height, width) if self.is_inpainting_model else None
         start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
@@ -383,7 +383,7 @@ class LatentDiffusionPipeline:
         else:
             pixel_mask = (mask.to(self.device) > 0.5).float()
             image = init_image.to(self.device) * (1 - pixel_mask)
-        masked_latents = self.vae.encode(image).mode() * self.scaling_factor
+        masked_latents = self._encode(image)
         latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))
         return torch.cat([latent_mask, masked_latents], dim=1).expand(n, -1, -1, -1).to(self.dtype)
 
@@ -402,6 +402,11 @@ class LatentDiffusionPipeline:
             return guided(latent_mask * x + (1 - latent_mask) * (alpha * known + sigma * noise), t)
 
         return denoise
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled fp32 latents (the posterior's mode) of images in [-1, 1], whatever dtype the VAE is stored in."""
+        weights = self.vae.post_quant_conv.weight
+        return self.vae.encode(images.to(weights.device, weights.dtype)).mode().float() * self.scaling_factor
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         parts = latents.split(1) if self.vae_slicing else [latents]

@@ -34,3 +34,17 @@ def test_an_overflowing_half_precision_decode_is_redone_in_fp32(tmp_path):
         images = pipe("a blue square", **KW).images
     assert torch.isfinite(images).all() and pipe.vae.post_quant_conv.weight.dtype == torch.float32
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
+
+
+def test_img2img_and_inpainting_with_a_half_precision_vae(tmp_path):
+    pipe = tiny_pipeline(tmp_path / "tok")
+    init = torch.rand(1, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 16:] = 1
+    reference = (pipe.img2img("a blue square", init, strength=0.5, **KW).images,
+                 pipe.inpaint("a blue square", init, mask, **KW).images)
+    pipe.to(vae_dtype=torch.float16)
+    got = (pipe.img2img("a blue square", init, strength=0.5, **KW).images, pipe.inpaint("a blue square", init, mask, **KW).images)
+    for a, b in zip(got, reference):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=0)  # fp16 round-off only
