@@ -25,14 +25,15 @@ def classifier_free_guidance(
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
-def caption_drop_mask(count: int, probability: float, generator: torch.Generator) -> list[bool]:
-    """Which of ``count`` captions conditioning dropout drops (each with ``probability``); no draw when it is 0."""
+def caption_drop_mask(count: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``count`` captions conditioning dropout drops (each with ``probability``), a bool tensor on the
+    generator's device; no draw when the probability is 0."""
     if probability <= 0:
-        return [False] * count
-    return (torch.rand(count, generator=generator, device=generator.device) < probability).tolist()
+        return torch.zeros(count, dtype=torch.bool, device=generator.device)
+    return torch.rand(count, generator=generator, device=generator.device) < probability
 
 
 def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
     """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG)."""
-    drop = caption_drop_mask(len(prompts), probability, generator)
+    drop = caption_drop_mask(len(prompts), probability, generator).tolist()
     return ["" if d else p for p, d in zip(prompts, drop)]

@@ -24,14 +24,16 @@ def guided_denoiser(
     if (y is None and uncond_y is not None) or (y is not None and uncond_context is not None and uncond_y is None):
         raise ValueError("give the vector conditioning of both branches (y and uncond_y) or of neither")
 
+    guided = uncond_context is not None and guidance_scale != 1.0
+    # The conditioning of both branches, batched once for all the sampler's steps.
+    both_context = torch.cat([context, uncond_context]) if guided else context
+    vector = {} if y is None else {"y": torch.cat([y, uncond_y]) if guided else y}
+
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.to(dtype)
-        if uncond_context is None or guidance_scale == 1.0:
-            return (unet(x, t, context) if y is None else unet(x, t, context, y=y)).float()
-        if y is None:
-            out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context])).float()
-        else:
-            out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]), y=torch.cat([y, uncond_y])).float()
+        if not guided:
+            return unet(x, t, context, **vector).float()
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), both_context, **vector).float()
         cond, uncond = out.chunk(2)
         return classifier_free_guidance(cond, uncond, guidance_scale, guidance_rescale)
 

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["sdxl_generation_conditioning", "sdxl_training_conditioning"]
-_warned: set[str] = set()
 
 
 def sdxl_training_conditioning(model: LatentDiffusion, batch: dict[str, Any], generator: torch.Generator, dropout: float,
@@ -28,7 +27,7 @@ def sdxl_training_conditioning(model: LatentDiffusion, batch: dict[str, Any], ge
     """``(context, y)`` of a batch: its captions' embeddings (the batch's cached ones when the encoders are frozen),
     zeroed where caption dropout hits, and the vector of pooled text + size ids (target: ``image_hw``)."""
     texts = list(batch["text"])
-    drop = torch.tensor(caption_drop_mask(len(texts), dropout, generator), device=model.device)
+    drop = caption_drop_mask(len(texts), dropout, generator).to(model.device)
     if "context" in batch and "pooled" in batch and not model.text_encoder.trainable:
         context, pooled = batch["context"].to(model.device).float(), batch["pooled"].to(model.device).float()
     else:
@@ -37,8 +36,8 @@ def sdxl_training_conditioning(model: LatentDiffusion, batch: dict[str, Any], ge
     context, pooled = context * keep[:, None, None], pooled * keep[:, None]
     sizes = batch.get("size_conditioning")
     if sizes is None:
-        if "no-sizes" not in _warned:
-            _warned.add("no-sizes")
+        if not getattr(model, "_warned_no_sizes", False):
+            model._warned_no_sizes = True
             log.warning("the batches carry no size_conditioning (original size, crop): SDXL's micro-conditioning uses "
                         "the training size and no crop for every sample")
         sizes = torch.tensor([[*image_hw, 0.0, 0.0]] * len(texts))
