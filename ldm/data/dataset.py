@@ -34,16 +34,16 @@ class ItemTransforms:
         self._by_size: dict[tuple[int, int], v2.Compose] = {}
 
     def __call__(self, index: int, image) -> torch.Tensor:
-        self.last_original_size = (image.height, image.width)
         if self.sizes is None:
-            out = self.transform(image).as_subclass(torch.Tensor)
-            self.last_top_left = _crop_step(self.transform).last_top_left
-            return out
-        size = self.sizes[index]
-        if size not in self._by_size:
-            self._by_size[size] = bucket_transform(*size, crop=self.crop, random_flip=self.random_flip)
-        out = self._by_size[size](image).as_subclass(torch.Tensor)
-        self.last_top_left = _crop_step(self._by_size[size]).last_top_left
+            transform = self.transform
+        else:
+            size = self.sizes[index]
+            if size not in self._by_size:
+                self._by_size[size] = bucket_transform(*size, crop=self.crop, random_flip=self.random_flip)
+            transform = self._by_size[size]
+        out = transform(image).as_subclass(torch.Tensor)
+        self.last_original_size = (image.height, image.width)
+        self.last_top_left = _crop_step(transform).last_top_left
         return out
 
     @property
