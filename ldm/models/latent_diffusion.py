@@ -208,7 +208,22 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         return isinstance(self.text_encoder, DualTextEncoder)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> context (B, 77, D), by the text encoder; SDXL: (context, pooled (B, P)) of its two encoders."""
+        """Prompts -> context (B, 77, D), by the text encoder; SDXL: (context, pooled (B, P)) of its two encoders.
+
+        A prompt repeated in the batch is encoded once (fine-tuning sets have few distinct captions; the encoder is
+        the same function of each row, and the gradient of a repeated row sums its uses, as before), unless the
+        encoder is training with dropout, which must draw each row's mask on its own."""
+        unique = list(dict.fromkeys(prompts))
+        if len(unique) == len(prompts) or _has_active_dropout(self.text_encoder):
+            return self._encode_text_rows(prompts)
+        row_of = {p: i for i, p in enumerate(unique)}
+        rows = torch.tensor([row_of[p] for p in prompts], device=self.device)
+        encoded = self._encode_text_rows(unique)
+        if self.is_sdxl:
+            return encoded[0].index_select(0, rows), encoded[1].index_select(0, rows)
+        return encoded.index_select(0, rows)
+
+    def _encode_text_rows(self, prompts: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.is_sdxl:
             context, pooled = self.text_encoder.encode_with_pooled(prompts)
             return context.float(), pooled.float()
@@ -458,3 +473,17 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         kohya's layout, plus ``lora_info.json`` naming the base model.
         """
         return save_trained(self, path)
+
+
+def _has_active_dropout(module: torch.nn.Module) -> bool:
+    """Whether a forward pass of ``module`` now draws dropout masks: a dropout layer with p > 0, or a transformers
+    model whose config asks for (attention) dropout, in training mode."""
+    for m in module.modules():
+        if not m.training:
+            continue
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        config = getattr(m, "config", None)
+        if config is not None and any(getattr(config, name, 0) or 0 for name in ("attention_dropout", "dropout", "hidden_dropout")):
+            return True
+    return False

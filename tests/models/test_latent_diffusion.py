@@ -63,6 +63,47 @@ def test_caption_dropout_rate():
     assert drop_captions(prompts[:10], 1.0, g) == [""] * 10
 
 
+def test_a_repeated_prompt_is_encoded_once_with_the_same_context_and_gradients(ldm_assets, monkeypatch):
+    torch.manual_seed(0)
+    model = LatentDiffusion(**tiny_ldm_kwargs(ldm_assets))  # a trainable text encoder
+    model.train()
+    model.text_encoder.double()  # gradients summed in another order: compared in float64
+    prompts = ["image 1", "picture 2", "image 1", "image 1", "", "picture 2"]
+    encoded = []
+    encode = model.text_encoder.encode
+    monkeypatch.setattr(model.text_encoder, "encode", lambda p: encoded.append(list(p)) or encode(p))
+    weights = torch.randn(len(prompts), 1, 1)
+
+    def context_and_grads(context):
+        model.zero_grad()
+        (context * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.text_encoder.named_parameters() if p.grad is not None}
+        assert grads
+        return context.detach(), grads
+
+    once, once_grads = context_and_grads(model.encode_text(prompts))
+    assert encoded == [["image 1", "picture 2", ""]]
+    rows, rows_grads = context_and_grads(model._encode_text_rows(prompts))  # every row encoded on its own
+    torch.testing.assert_close(once, rows)
+    assert once_grads.keys() == rows_grads.keys()
+    for name, grad in once_grads.items():
+        torch.testing.assert_close(grad, rows_grads[name], msg=lambda m: f"{name}: {m}")
+
+    # An encoder that draws dropout masks while training gets every row, so that each row draws its own mask.
+    attention = [m for m in model.text_encoder.modules() if isinstance(getattr(m, "dropout", None), float)]
+    assert attention
+    monkeypatch.setattr(model.text_encoder.model.config, "attention_dropout", 0.5)
+    for m in attention:
+        monkeypatch.setattr(m, "dropout", 0.5)
+    encoded.clear()
+    model.encode_text(prompts)
+    assert encoded == [prompts]
+    model.eval()  # no dropout when not training: encoded once again
+    encoded.clear()
+    model.encode_text(prompts)
+    assert encoded == [["image 1", "picture 2", ""]]
+
+
 def test_latent_cache_is_reused_and_invalidated(tmp_path, ldm_assets, caplog):
     cache = tmp_path / "cache"
     kwargs = tiny_ldm_kwargs(ldm_assets, cache_dir=str(cache), train_text_encoder=False)
