@@ -100,6 +100,10 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
             ``None``: ``False`` when ``ldm fit`` trains on ``PrecomputedLatentsDataModule``, else ``True``.
         seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
             so a resumed run draws exactly what an uninterrupted one would).
+        encode_repeated_captions_once: A trained text encoder encodes a caption repeated in a batch once (the same
+            context; the gradient of the shared row sums its uses in another order, so the low bits differ from
+            ``false``). Fine-tuning sets have few distinct captions (DreamBooth: two), where this is much faster;
+            ``false`` repeats runs made before it bit for bit (the digits demo's published figures).
 
     The grouped settings (``objective``, ``optimizer``, ``validation``, ``text_encoder_config``) take their config or a
     dict of its fields; ``hparams`` (and so checkpoints) hold them as dicts, the module as ``self.objective``,
@@ -149,6 +153,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         frozen_dtype: str | None = None,
         seed: int = 0,
         vae_encoder: bool | None = None,
+        encode_repeated_captions_once: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -210,11 +215,11 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
     def encode_text(self, prompts: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> context (B, 77, D), by the text encoder; SDXL: (context, pooled (B, P)) of its two encoders.
 
-        A prompt repeated in the batch is encoded once (fine-tuning sets have few distinct captions; the encoder is
-        the same function of each row, and the gradient of a repeated row sums its uses, as before), unless the
-        encoder is training with dropout, which must draw each row's mask on its own."""
+        With ``encode_repeated_captions_once`` a prompt repeated in the batch is encoded once, unless the encoder is
+        training with dropout, which must draw each row's mask on its own."""
         unique = list(dict.fromkeys(prompts))
-        if len(unique) == len(prompts) or _has_active_dropout(self.text_encoder):
+        if (len(unique) == len(prompts) or not self.hparams.get("encode_repeated_captions_once", True)
+                or _has_active_dropout(self.text_encoder)):
             return self._encode_text_rows(prompts)
         row_of = {p: i for i, p in enumerate(unique)}
         rows = torch.tensor([row_of[p] for p in prompts], device=self.device)

@@ -103,6 +103,12 @@ def test_a_repeated_prompt_is_encoded_once_with_the_same_context_and_gradients(l
     model.encode_text(prompts)
     assert encoded == [["image 1", "picture 2", ""]]
 
+    off = LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, encode_repeated_captions_once=False))
+    monkeypatch.setattr(off.text_encoder, "encode", lambda p: encoded.append(list(p)) or encode(p))
+    encoded.clear()
+    off.encode_text(prompts)
+    assert encoded == [prompts]
+
 
 def test_latent_cache_is_reused_and_invalidated(tmp_path, ldm_assets, caplog):
     cache = tmp_path / "cache"
