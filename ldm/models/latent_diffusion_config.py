@@ -7,6 +7,8 @@ and a checkpoint stores each group as a plain dict (``to_dict``), read back by `
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from ldm.diffusion import SAMPLER_REGISTRY
@@ -61,6 +63,9 @@ class OptimizerConfig(Config):
 
     Args:
         learning_rate: AdamW peak learning rate.
+        text_encoder_learning_rate: Peak learning rate of the text encoder's trained weights (its LoRA adapters, or
+            all of it when trained), as kohya's ``--text_encoder_lr``; ``None``: ``learning_rate``. Same warm-up,
+            decay and ``scale_lr`` as the rest.
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
         warmup_steps: Linear learning-rate warm-up steps.
@@ -75,6 +80,7 @@ class OptimizerConfig(Config):
     """
 
     learning_rate: float = 1e-4
+    text_encoder_learning_rate: float | None = None
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
@@ -90,6 +96,10 @@ class OptimizerConfig(Config):
             raise ValueError(f"optimizer.lr_decay={self.lr_decay!r}; use one of {', '.join(LR_DECAYS)}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"optimizer.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+        for name in ("learning_rate", "text_encoder_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"optimizer.{name}={value} must be a finite number >= 0")
         if self.max_consecutive_nonfinite < 0:
             raise ValueError(f"optimizer.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 0 "
                              "(0: never stop on NaN/inf losses)")

@@ -66,3 +66,20 @@ def test_the_unet_shape_is_typed_and_its_channels_follow_the_vae_and_text_encode
     assert model.unet.config.in_channels == model.autoencoder.latent_channels
     with pytest.raises(ValueError, match="channels follow the VAE"):
         LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, unet={**tiny_ldm_kwargs(ldm_assets)["unet"], "context_dim": 8}))
+
+
+def test_the_text_encoder_gets_its_own_learning_rate(ldm_assets):
+    """``optimizer.text_encoder_learning_rate`` (kohya's ``--text_encoder_lr``): the text encoder's trained weights in
+    their own AdamW group, everything else at ``learning_rate``; unset, one group as before."""
+    def groups(**optimizer):
+        model = LatentDiffusion(**tiny_ldm_kwargs(ldm_assets, optimizer={"learning_rate": 1e-3, **optimizer}))
+        opt = model.configure_optimizers()["optimizer"]
+        text = {id(p) for p in model.text_encoder.parameters()}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(id(p) for p in trained)
+        return [(g["lr"], {id(p) in text for p in g["params"]}) for g in opt.param_groups]
+
+    assert groups() == [(1e-3, {True, False})]
+    assert groups(text_encoder_learning_rate=2e-4) == [(1e-3, {False}), (2e-4, {True})]
+    with pytest.raises(ValueError, match="text_encoder_learning_rate"):
+        OptimizerConfig(text_encoder_learning_rate=-1.0)
