@@ -144,6 +144,10 @@ def encode_dataset(src: str, vae: str | Path, out: str | Path, text_encoder: str
     root = Path(dm.train_dataset.root)
     splits = {"train": list(dm.train_dataset.records), "val": list(dm.val_dataset.records)}
     split_sizes = {"train": dm.train_dataset.sizes, "val": dm.val_dataset.sizes}
+    own_rates = sum("caption_dropout" in r.metadata for records in splits.values() for r in records)
+    if own_rates:
+        log.warning("%d images of %s have their own caption_dropout; precomputed latents do not keep it, so a training "
+                    "on them drops every caption at objective.cond_dropout", own_rates, src)
     captions = [""] + sorted({c for records in splits.values() for r in records for c in r.captions} - {""})
     caption_ids = {c: i for i, c in enumerate(captions)} if text is not None else None
 

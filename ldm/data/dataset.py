@@ -100,6 +100,7 @@ class ImageCaptionDataset(Dataset):
             raise ValueError(f"sizes has {len(sizes)} entries for {len(self.records)} records")
         self.sizes = None if sizes is None else [tuple(s) for s in sizes]
         self.transforms = ItemTransforms(self.transform, self.sizes, crop, random_flip)
+        self.caption_dropout = row_caption_dropout(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -139,8 +140,35 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
         image = self.image(index)
-        return {"image": image, "text": self.caption(index), "index": index,
+        item = {"image": image, "text": self.caption(index), "index": index,
                 "size_conditioning": self.transforms.last_size_conditioning}
+        if self.caption_dropout is not None:
+            item["caption_dropout"] = self.caption_dropout[index]
+        return item
+
+
+def row_caption_dropout(records: Sequence[ImageRecord]) -> list[float] | None:
+    """Each record's own caption-dropout rate (:func:`caption_dropout_of` its metadata), or None when no record has
+    one (the items then carry no ``caption_dropout``)."""
+    if not any("caption_dropout" in r.metadata for r in records):
+        return None
+    return [caption_dropout_of(r.metadata, r.path) for r in records]
+
+
+def caption_dropout_of(metadata: dict, where: str) -> float:
+    """A data row's own caption-dropout rate: its metadata's ``caption_dropout`` (kohya's per-subset
+    ``caption_dropout_rate``), or -1 without one (the model's ``objective.cond_dropout`` applies).
+
+    Raises:
+        ValueError: A rate that is not a number in [0, 1], naming ``where`` (the image).
+    """
+    if "caption_dropout" not in metadata:
+        return -1.0
+    rate = metadata["caption_dropout"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"{where}: caption_dropout={rate!r} in the metadata must be a number from 0 to 1 (the chance "
+                         "that a training step drops this image's caption); fix or remove it")
+    return float(rate)
 
 
 def centre_crop_offset(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:

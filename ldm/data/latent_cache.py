@@ -100,6 +100,8 @@ class CachedLatentDataset(Dataset):
         caption = self.dataset.caption(index)
         item: dict[str, Any] = {"moments": self.moments(index), "text": caption, "index": index,
                                 "size_conditioning": self.size_conditioning(index)}
+        if self.dataset.caption_dropout is not None:
+            item["caption_dropout"] = self.dataset.caption_dropout[index]
         if self.contexts is not None:
             embedded = self.contexts[caption]
             if isinstance(embedded, tuple):  # two text encoders (SDXL): tokens and the pooled embedding

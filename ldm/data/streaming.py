@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import assign_buckets, data_bucket_sizes
 from ldm.data.epoch_plan import item_groups
-from ldm.data.dataset import CROP_CHOICES, ItemTransforms, build_transform, caption_index
+from ldm.data.dataset import CROP_CHOICES, ItemTransforms, build_transform, caption_dropout_of, caption_index
 from ldm.data.images import to_rgb
 from ldm.data.resumable import ResumableTrainData
 
@@ -108,7 +108,9 @@ class StreamingImageCaptionDataset(Dataset):
             image = to_rgb(ImageOps.exif_transpose(img))
         captions = json.loads(item["captions"])
         text = captions[caption_index(len(captions), self.train)] if captions else ""
-        return {"image": self.transforms(index, image), "text": text, "index": index}
+        # Every item carries its row's own caption-dropout rate (-1: none) so that batches of mixed rows collate.
+        rate = caption_dropout_of(json.loads(item.get("metadata") or "{}"), item.get("path", f"item {index}"))
+        return {"image": self.transforms(index, image), "text": text, "index": index, "caption_dropout": rate}
 
 
 class StreamingImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):

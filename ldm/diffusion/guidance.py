@@ -25,15 +25,27 @@ def classifier_free_guidance(
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
-def caption_drop_mask(count: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+def caption_drop_mask(count: int, probability: float, generator: torch.Generator,
+                      rates: torch.Tensor | None = None) -> torch.Tensor:
     """Which of ``count`` captions conditioning dropout drops (each with ``probability``), a bool tensor on the
-    generator's device; no draw when the probability is 0."""
-    if probability <= 0:
+    generator's device; no draw when no caption can be dropped.
+
+    ``rates``: per caption, its own probability where >= 0 (a data row's ``caption_dropout``, as kohya's per-subset
+    ``caption_dropout_rate``), ``probability`` where negative; the same single draw per caption either way.
+    """
+    if rates is not None and bool((torch.as_tensor(rates) >= 0).any()):
+        rates = torch.as_tensor(rates, dtype=torch.float32).to(generator.device)
+        probabilities = torch.where(rates >= 0, rates, torch.full_like(rates, probability))
+    else:
+        probabilities = torch.full((count,), float(probability), device=generator.device)
+    if not bool((probabilities > 0).any()):
         return torch.zeros(count, dtype=torch.bool, device=generator.device)
-    return torch.rand(count, generator=generator, device=generator.device) < probability
+    return torch.rand(count, generator=generator, device=generator.device) < probabilities
 
 
-def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG)."""
-    drop = caption_drop_mask(len(prompts), probability, generator).tolist()
+def drop_captions(prompts: list[str], probability: float, generator: torch.Generator,
+                  rates: torch.Tensor | None = None) -> list[str]:
+    """Replace each prompt by the empty prompt with ``probability`` (conditioning dropout for CFG), or with its own
+    rate where ``rates`` gives one (:func:`caption_drop_mask`)."""
+    drop = caption_drop_mask(len(prompts), probability, generator, rates).tolist()
     return ["" if d else p for p, d in zip(prompts, drop)]

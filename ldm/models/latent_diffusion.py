@@ -238,7 +238,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         """Context of a batch's captions after caption dropout: the batch's ``context`` (precomputed or cached by the
         DataModule; dropped captions get the empty prompt's, stored with it) when it has one and the text encoder is
         frozen, else :meth:`encode_text`."""
-        prompts = drop_captions(list(batch["text"]), dropout, generator)
+        prompts = drop_captions(list(batch["text"]), dropout, generator, batch.get("caption_dropout"))
         if "context" not in batch or self.text_encoder.trainable:
             return self.encode_text(prompts)
         context = batch["context"].to(self.device, self.dtype)
@@ -317,6 +317,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        batch = {k: v for k, v in batch.items() if k != "caption_dropout"}  # no caption dropout in validation
         loss = self.diffusion_loss(batch, g, 0.0)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["text"]))
 

@@ -27,7 +27,7 @@ def sdxl_training_conditioning(model: LatentDiffusion, batch: dict[str, Any], ge
     """``(context, y)`` of a batch: its captions' embeddings (the batch's cached ones when the encoders are frozen),
     zeroed where caption dropout hits, and the vector of pooled text + size ids (target: ``image_hw``)."""
     texts = list(batch["text"])
-    drop = caption_drop_mask(len(texts), dropout, generator).to(model.device)
+    drop = caption_drop_mask(len(texts), dropout, generator, batch.get("caption_dropout")).to(model.device)
     if "context" in batch and "pooled" in batch and not model.text_encoder.trainable:
         context, pooled = batch["context"].to(model.device).float(), batch["pooled"].to(model.device).float()
     else:
