@@ -228,10 +228,10 @@ def test_mirrored_digits_are_written_with_captions_and_only_asymmetric_digits(mi
     assert MIRRORED_DIGITS == (2, 3, 4, 5, 6, 7, 9)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "validation"]
-    assert len(train) == 7 * 30 and len(val) == 7 * 4  # every 10th of the first 34 of each digit
+    assert len(train) == 7 * 60 and len(val) == 7 * 7  # every 10th of the first 67 of each digit
     assert len(list((mirrored_dir / "images").glob("*.png"))) == len(all_rows)
     for d in MIRRORED_DIGITS:
-        assert sum(r["label"] == d for r in train) == 30 and sum(r["label"] == d for r in val) == 4
+        assert sum(r["label"] == d for r in train) == 60 and sum(r["label"] == d for r in val) == 7
     for row in rows:
         d = row["label"]
         assert row["file_name"] == f"images/{row['source_index']:05d}.png"
@@ -239,9 +239,11 @@ def test_mirrored_digits_are_written_with_captions_and_only_asymmetric_digits(mi
         assert len(row["text"]) >= 4 and len(set(row["text"])) == len(row["text"])
         assert all(str(d) in t or DIGIT_WORDS[d] in t for t in row["text"])
         assert all("mirror" in t or "flipped" in t for t in row["text"])
+        assert row["caption_dropout"] == 0.05  # below the training's cond_dropout: README, fine-tune the demo model
     # Regularisation images: the same source digits unflipped, with the plain digits captions.
     assert sorted((r["source_index"], r["split"]) for r in normal) == sorted((r["source_index"], r["split"]) for r in rows)
     for row in normal:
+        assert "caption_dropout" not in row  # the training's cond_dropout
         assert row["file_name"] == f"images/{row['source_index']:05d}-normal.png"
         assert row["text"][0] == f"a handwritten digit {row['label']}"
         assert not any("mirror" in t or "flipped" in t for t in row["text"])
@@ -282,3 +284,7 @@ def test_mirrored_digits_are_deterministic_and_sized_by_options(mirrored_dir, tm
     assert Image.open(small / rows[0]["file_name"]).size == (16, 16)
     with pytest.raises(ValueError, match="per_digit"):
         prepare_builtin("mirrored_digits", tmp_path / "bad", per_digit=0)
+    assert all("caption_dropout" not in r for r in _rows(prepare_builtin(
+        "mirrored_digits", tmp_path / "no_rate", per_digit=3, mirrored_caption_dropout=None)))
+    with pytest.raises(ValueError, match="mirrored_caption_dropout"):
+        prepare_builtin("mirrored_digits", tmp_path / "bad_rate", per_digit=3, mirrored_caption_dropout=1.5)

@@ -47,6 +47,18 @@ def _fit(run_dir: Path, base: Path, data: Path, cache: Path | None, *extra: str,
     return load_file(adapter)
 
 
+def _with_row_rates(data: Path, out: Path) -> Path:
+    """A copy of the tiny dataset whose even rows carry their own ``caption_dropout`` (0.05, as the mirrored set's)."""
+    import json
+    import shutil
+
+    shutil.copytree(data, out)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    rows = [{**row, "caption_dropout": 0.05} if i % 2 == 0 else row for i, row in enumerate(rows)]
+    (out / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
 def _assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and a
     different = [k for k in a if not a[k].equal(b[k])]
@@ -76,6 +88,7 @@ def test_a_run_resumed_mid_epoch_ends_with_the_adapters_of_a_straight_run(tiny_b
     import yaml
 
     base, data = tiny_base
+    data = _with_row_rates(data, tmp_path / "data")  # as the mirrored set: some rows with their own caption dropout
     config = yaml.safe_load(CONFIG.read_text())
     (checkpoint,) = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
     checkpoint["init_args"]["every_n_train_steps"] = 3  # 18 training images in batches of 4: 4 steps per epoch

@@ -13,6 +13,8 @@ phrasings, the first always ``"a mirrored digit {d}"``. File names keep scikit-l
 With ``normal_per_digit`` the same source digits also appear unflipped with the ``digits`` captions
 (``"a handwritten digit {d}"``): the regularisation ("prior preservation") images of DreamBooth and
 kohya's sd-scripts, so that a fine-tune learns what "mirrored" changes instead of mirroring every digit.
+The mirrored rows carry their own, lower caption-dropout rate (``mirrored_caption_dropout``), so that the
+unconditional model stays mostly what it was: normal digits.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def mirror_digit(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, ::-1])
 
 
-def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 30, normal_per_digit: int | None = None) -> list[dict[str, Any]]:
+def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 60, normal_per_digit: int | None = None,
+                          mirrored_caption_dropout: float | None = 0.05) -> list[dict[str, Any]]:
     """Write the mirrored digit images under ``out_dir/images/`` and return their metadata rows.
 
     Args:
@@ -67,6 +70,10 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
             at most 150 (scikit-learn has about 180 of each digit).
         normal_per_digit: How many of those also appear unflipped, captioned as normal digits
             (regularisation images; 0 for mirrored images only); ``None`` means ``per_digit``.
+        mirrored_caption_dropout: The mirrored rows' own caption-dropout rate (their ``caption_dropout`` field),
+            below the training's ``cond_dropout`` (0.1) that the normal rows get: the unconditional model, which
+            classifier-free guidance pushes away from, then learns mostly normal digits, as the base model's did
+            (README: fine-tune the demo model). ``None``: no field, every row at ``cond_dropout``.
     """
     from sklearn.datasets import load_digits  # offline: the data ships inside scikit-learn
 
@@ -77,6 +84,9 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
     normal_per_digit = per_digit if normal_per_digit is None else normal_per_digit
     if not 0 <= normal_per_digit <= per_digit:
         raise ValueError(f"normal_per_digit must be between 0 and per_digit={per_digit}, got {normal_per_digit}")
+    if mirrored_caption_dropout is not None and not 0.0 <= mirrored_caption_dropout <= 1.0:
+        raise ValueError(f"mirrored_caption_dropout must be between 0 and 1 (or None), got {mirrored_caption_dropout}")
+    own_rate = {} if mirrored_caption_dropout is None else {"caption_dropout": float(mirrored_caption_dropout)}
     digits = load_digits()
     seen = dict.fromkeys(MIRRORED_DIGITS, 0)
     train = dict.fromkeys(MIRRORED_DIGITS, 0)
@@ -98,6 +108,7 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
                 "mirrored": True,
                 "source_index": i,
                 "split": "validation" if is_val else "train",
+                **own_rate,
             }
         )
         if train[label] - (not is_val) < normal_per_digit:
