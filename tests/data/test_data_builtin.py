@@ -239,11 +239,11 @@ def test_mirrored_digits_are_written_with_captions_and_only_asymmetric_digits(mi
         assert len(row["text"]) >= 4 and len(set(row["text"])) == len(row["text"])
         assert all(str(d) in t or DIGIT_WORDS[d] in t for t in row["text"])
         assert all("mirror" in t or "flipped" in t for t in row["text"])
-        assert row["caption_dropout"] == 0.05  # below the training's cond_dropout: README, fine-tune the demo model
+        assert "caption_dropout" not in row  # by default every row at the training's cond_dropout
     # Regularisation images: the same source digits unflipped, with the plain digits captions.
     assert sorted((r["source_index"], r["split"]) for r in normal) == sorted((r["source_index"], r["split"]) for r in rows)
     for row in normal:
-        assert "caption_dropout" not in row  # the training's cond_dropout
+        assert "caption_dropout" not in row
         assert row["file_name"] == f"images/{row['source_index']:05d}-normal.png"
         assert row["text"][0] == f"a handwritten digit {row['label']}"
         assert not any("mirror" in t or "flipped" in t for t in row["text"])
@@ -284,7 +284,7 @@ def test_mirrored_digits_are_deterministic_and_sized_by_options(mirrored_dir, tm
     assert Image.open(small / rows[0]["file_name"]).size == (16, 16)
     with pytest.raises(ValueError, match="per_digit"):
         prepare_builtin("mirrored_digits", tmp_path / "bad", per_digit=0)
-    assert all("caption_dropout" not in r for r in _rows(prepare_builtin(
-        "mirrored_digits", tmp_path / "no_rate", per_digit=3, mirrored_caption_dropout=None)))
+    own = _rows(prepare_builtin("mirrored_digits", tmp_path / "own_rate", per_digit=3, mirrored_caption_dropout=0.05))
+    assert [r.get("caption_dropout") for r in own] == [0.05 if r["mirrored"] else None for r in own]
     with pytest.raises(ValueError, match="mirrored_caption_dropout"):
         prepare_builtin("mirrored_digits", tmp_path / "bad_rate", per_digit=3, mirrored_caption_dropout=1.5)

@@ -13,8 +13,7 @@ phrasings, the first always ``"a mirrored digit {d}"``. File names keep scikit-l
 With ``normal_per_digit`` the same source digits also appear unflipped with the ``digits`` captions
 (``"a handwritten digit {d}"``): the regularisation ("prior preservation") images of DreamBooth and
 kohya's sd-scripts, so that a fine-tune learns what "mirrored" changes instead of mirroring every digit.
-The mirrored rows carry their own, lower caption-dropout rate (``mirrored_caption_dropout``), so that the
-unconditional model stays mostly what it was: normal digits.
+``mirrored_caption_dropout`` gives the mirrored rows their own caption-dropout rate.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def mirror_digit(pixels: np.ndarray) -> np.ndarray:
 
 
 def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 60, normal_per_digit: int | None = None,
-                          mirrored_caption_dropout: float | None = 0.05) -> list[dict[str, Any]]:
+                          mirrored_caption_dropout: float | None = None) -> list[dict[str, Any]]:
     """Write the mirrored digit images under ``out_dir/images/`` and return their metadata rows.
 
     Args:
@@ -70,10 +69,10 @@ def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 
             at most 150 (scikit-learn has about 180 of each digit).
         normal_per_digit: How many of those also appear unflipped, captioned as normal digits
             (regularisation images; 0 for mirrored images only); ``None`` means ``per_digit``.
-        mirrored_caption_dropout: The mirrored rows' own caption-dropout rate (their ``caption_dropout`` field),
-            below the training's ``cond_dropout`` (0.1) that the normal rows get: the unconditional model, which
-            classifier-free guidance pushes away from, then learns mostly normal digits, as the base model's did
-            (README: fine-tune the demo model). ``None``: no field, every row at ``cond_dropout``.
+        mirrored_caption_dropout: The mirrored rows' own caption-dropout rate (their ``caption_dropout`` field);
+            ``None``: no field, every row at the training's ``cond_dropout``. Lower rates keep the unconditional
+            model, which classifier-free guidance pushes away from, closer to normal digits: 0.05 (with the
+            training's 0.1) kept normal prompts at 99.3-100% but learnt mirrored 2s on one seed of three (README).
     """
     from sklearn.datasets import load_digits  # offline: the data ships inside scikit-learn
 
