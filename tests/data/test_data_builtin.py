@@ -118,6 +118,16 @@ def test_unknown_name_and_option_and_conflicting_folder(tmp_path):
     assert builtin.prepare_builtin("shapes", tmp_path / "s", num_images=3, seed=0).is_dir()
 
 
+def test_a_folder_prepared_before_a_writer_option_existed_is_read_as_that_options_default(tmp_path):
+    folder = prepare_builtin("mirrored_digits", tmp_path / "m", per_digit=2)
+    info = json.loads((folder / "builtin.json").read_text())
+    del info["options"]["mirrored_caption_dropout"]  # as written before the option existed (default None)
+    (folder / "builtin.json").write_text(json.dumps(info))
+    assert prepare_builtin("mirrored_digits", folder, per_digit=2) == folder
+    with pytest.raises(ValueError, match="already holds"):
+        prepare_builtin("mirrored_digits", folder, per_digit=2, mirrored_caption_dropout=0.05)
+
+
 def _shape_files(folder):
     return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
 
@@ -228,10 +238,10 @@ def test_mirrored_digits_are_written_with_captions_and_only_asymmetric_digits(mi
     assert MIRRORED_DIGITS == (2, 3, 4, 5, 6, 7, 9)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "validation"]
-    assert len(train) == 7 * 60 and len(val) == 7 * 7  # every 10th of the first 67 of each digit
+    assert len(train) == 7 * 30 and len(val) == 7 * 4  # every 10th of the first 34 of each digit
     assert len(list((mirrored_dir / "images").glob("*.png"))) == len(all_rows)
     for d in MIRRORED_DIGITS:
-        assert sum(r["label"] == d for r in train) == 60 and sum(r["label"] == d for r in val) == 7
+        assert sum(r["label"] == d for r in train) == 30 and sum(r["label"] == d for r in val) == 4
     for row in rows:
         d = row["label"]
         assert row["file_name"] == f"images/{row['source_index']:05d}.png"

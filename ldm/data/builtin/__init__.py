@@ -98,6 +98,10 @@ def _check_same_options(out_dir: Path, info: dict[str, Any]) -> None:
     if not info_path.is_file():
         return
     stored = json.loads(info_path.read_text(encoding="utf-8"))
+    if stored.get("name") == info["name"] and isinstance(stored.get("options"), dict):
+        # An option added to the writer after this folder was prepared: it was written as that option's default.
+        defaults = _resolve_options(info["name"], BUILTIN_DATASETS[info["name"]], {})
+        stored = {**stored, "options": {**{k: v for k, v in defaults.items() if k not in stored["options"]}, **stored["options"]}}
     if stored != info:
         raise ValueError(
             f"{str(out_dir)!r} already holds built-in dataset {stored.get('name')!r} prepared "

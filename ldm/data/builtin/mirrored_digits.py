@@ -58,7 +58,7 @@ def mirror_digit(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, ::-1])
 
 
-def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 60, normal_per_digit: int | None = None,
+def write_mirrored_digits(out_dir: Path, image_size: int = 32, per_digit: int = 30, normal_per_digit: int | None = None,
                           mirrored_caption_dropout: float | None = None) -> list[dict[str, Any]]:
     """Write the mirrored digit images under ``out_dir/images/`` and return their metadata rows.
 
