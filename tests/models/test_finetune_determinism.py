@@ -47,16 +47,20 @@ def _fit(run_dir: Path, base: Path, data: Path, cache: Path | None, *extra: str,
     return load_file(adapter)
 
 
-def _with_row_rates(data: Path, out: Path) -> Path:
-    """A copy of the tiny dataset whose even rows carry their own ``caption_dropout`` (0.05, as the mirrored set's)."""
+def _with_rows(data: Path, out: Path, change) -> Path:
+    """A copy of the tiny dataset with each metadata row replaced by ``change(index, row)``."""
     import json
     import shutil
 
     shutil.copytree(data, out)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    rows = [{**row, "caption_dropout": 0.05} if i % 2 == 0 else row for i, row in enumerate(rows)]
-    (out / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (out / "metadata.jsonl").write_text("".join(json.dumps(change(i, row)) + "\n" for i, row in enumerate(rows)))
     return out
+
+
+def _with_row_rates(data: Path, out: Path) -> Path:
+    """A copy of the tiny dataset whose even rows carry their own ``caption_dropout`` (0.05)."""
+    return _with_rows(data, out, lambda i, row: {**row, "caption_dropout": 0.05} if i % 2 == 0 else row)
 
 
 def _assert_identical(a: dict, b: dict) -> None:
@@ -75,6 +79,11 @@ def test_two_runs_of_the_demo_lora_config_write_identical_adapters(tiny_base, tm
     third = _fit(tmp_path / "c", base, data, None)  # encodes every batch
     fourth = _fit(tmp_path / "d", base, data, None)
     _assert_identical(third, fourth)
+    # Encoding a repeated caption once (the default outside the demo configs) is as repeatable: on data with two
+    # captions, so that every batch repeats one.
+    few = _with_rows(data, tmp_path / "few", lambda i, row: {**row, "text": ["image 1", "picture 2"]})
+    once = [_fit(tmp_path / name, base, few, None, "--model.encode_repeated_captions_once", "true") for name in "ef"]
+    _assert_identical(*once)
 
 
 def test_another_seed_gives_another_adapter(tiny_base, tmp_path):
