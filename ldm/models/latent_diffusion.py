@@ -100,10 +100,11 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
             ``None``: ``False`` when ``ldm fit`` trains on ``PrecomputedLatentsDataModule``, else ``True``.
         seed: Seed of the per-step noise, timesteps and caption dropout (derived from it and the step,
             so a resumed run draws exactly what an uninterrupted one would).
-        encode_repeated_captions_once: A trained text encoder encodes a caption repeated in a batch once (the same
-            context; the gradient of the shared row sums its uses in another order, so the low bits differ from
-            ``false``). Fine-tuning sets have few distinct captions (DreamBooth: two), where this is much faster;
-            ``false`` repeats runs made before it bit for bit (the digits demo's published figures).
+        encode_repeated_captions_once: Run a caption repeated in a batch through the text encoder once, when it is
+            encoded in the step (trained, or not cached): the same context; a trained encoder's gradient sums the
+            shared row's uses in another order, so the low bits differ from ``false``. Fine-tuning sets have few
+            distinct captions (DreamBooth: two), where this is much faster; ``false`` repeats runs made before it
+            bit for bit (the demo configs, whose published figures were measured so).
 
     The grouped settings (``objective``, ``optimizer``, ``validation``, ``text_encoder_config``) take their config or a
     dict of its fields; ``hparams`` (and so checkpoints) hold them as dicts, the module as ``self.objective``,

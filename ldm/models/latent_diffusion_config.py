@@ -8,7 +8,6 @@ and a checkpoint stores each group as a plain dict (``to_dict``), read back by `
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from ldm.diffusion import SAMPLER_REGISTRY
