@@ -33,11 +33,10 @@ def caption_drop_mask(count: int, probability: float, generator: torch.Generator
     ``rates``: per caption, its own probability where >= 0 (a data row's ``caption_dropout``, as kohya's per-subset
     ``caption_dropout_rate``), ``probability`` where negative; the same single draw per caption either way.
     """
-    if rates is not None and bool((torch.as_tensor(rates) >= 0).any()):
+    probabilities = torch.full((count,), float(probability), device=generator.device)
+    if rates is not None:
         rates = torch.as_tensor(rates, dtype=torch.float32).to(generator.device)
-        probabilities = torch.where(rates >= 0, rates, torch.full_like(rates, probability))
-    else:
-        probabilities = torch.full((count,), float(probability), device=generator.device)
+        probabilities = torch.where(rates >= 0, rates, probabilities)
     if not bool((probabilities > 0).any()):
         return torch.zeros(count, dtype=torch.bool, device=generator.device)
     return torch.rand(count, generator=generator, device=generator.device) < probabilities
