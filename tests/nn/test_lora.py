@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from interop_helpers import TINY_UNET_DIFFUSERS, randomize_
 from ldm.formats.lora_files import load_lora, save_lora, unet_module_names_to_diffusers
-from ldm.nn.lora import TEXT_ENCODER_TARGETS, add_lora, keep_lora_fp32, lora_layers, lora_state_dict, merge_lora, set_lora_scale
+from ldm.nn.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, keep_lora_fp32, lora_layers, lora_state_dict, merge_lora, set_lora_scale
 from ldm.nn.unet import UNetModel
 
 TINY = dict(
@@ -205,7 +205,9 @@ def diffusers_pair(seed: int = 0):
     return reference, unet
 
 
-def test_unet_lora_loads_in_diffusers_with_same_output(tmp_path):
+# The default (attention projections), and those plus the transformer blocks' feed-forward layers (the demo LoRA recipe).
+@pytest.mark.parametrize("targets", [UNET_TARGETS, (*UNET_TARGETS, "ff.net.0.proj", "ff.net.2")], ids=["attention", "attention+ff"])
+def test_unet_lora_loads_in_diffusers_with_same_output(tmp_path, targets):
     lora_pipeline = pytest.importorskip("diffusers.loaders.lora_pipeline")
     reference, unet = diffusers_pair()
     x, t, ctx = INPUTS
@@ -213,7 +215,8 @@ def test_unet_lora_loads_in_diffusers_with_same_output(tmp_path):
         base_theirs = reference(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(run(unet), base_theirs, atol=1e-5, rtol=1e-5)  # the name map is right
 
-    randomize_lora_(add_lora(unet, rank=4, alpha=2))  # alpha != rank: the metadata must carry the scale
+    randomize_lora_(add_lora(unet, rank=4, alpha=2, target_modules=targets))  # alpha != rank: the metadata must carry the scale
+    assert any(name.endswith("ff.net.2") for name in lora_layers(unet)) == ("ff.net.2" in targets)
     path = save_lora(tmp_path / "unet_lora.safetensors", unet=unet)
     # What pipeline.load_lora_weights(path) does for the UNet. (Note: unet.load_lora_adapter(path) only reads
     # the metadata, hence alpha, with use_safetensors=True; without it diffusers assumes alpha = rank.)
