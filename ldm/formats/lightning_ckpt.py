@@ -76,7 +76,8 @@ _PATH = str | os.PathLike | None
 _HPARAM_TYPES = {"init_from": _PATH, "init_from_ema": bool, "text_encoder": _PATH, "tokenizer": _PATH,
                  "text_encoder_layer": str | None, "train_text_encoder": bool, "prediction_type": str | None,
                  "lora_rank": int, "lora_alpha": float | None, "lora_targets": tuple[str, ...],
-                 "lora_text_encoder": bool, "lora_dropout": float, "autoencoder": _PATH}
+                 "lora_text_encoder": bool, "lora_text_encoder_targets": tuple[str, ...], "lora_dropout": float,
+                 "autoencoder": _PATH}
 
 
 def _check_hparams(h: Mapping[str, Any], flat: Mapping[str, Any], source: str | None) -> ScheduleConfig | None:
@@ -189,7 +190,8 @@ def prepare_for_training(model: nn.Module, h: Mapping[str, Any]) -> None:
         add_lora(model.unet, rank=rank, alpha=alpha, target_modules=h.get("lora_targets", list(UNET_TARGETS)), dropout=dropout)
         if h.get("lora_text_encoder", False):  # SDXL: both text encoders
             for encoder in getattr(model.text_encoder, "encoders", (model.text_encoder,)):
-                add_lora(encoder.model, rank=rank, alpha=alpha, target_modules=TEXT_ENCODER_TARGETS, dropout=dropout)
+                add_lora(encoder.model, rank=rank, alpha=alpha, dropout=dropout,
+                         target_modules=h.get("lora_text_encoder_targets", list(TEXT_ENCODER_TARGETS)))
     elif h.get("lora_text_encoder", False):
         raise ValueError("lora_text_encoder needs lora_rank > 0")
 

@@ -35,7 +35,7 @@ from ldm.models.sdxl_training import sdxl_generation_conditioning, sdxl_training
 from ldm.nn.configs import UNET_DERIVED_FIELDS, TextEncoderConfig, UNetArchitecture
 from ldm.nn.distributions import DiagonalGaussianDistribution
 from ldm.nn.dual_text_encoder import DualTextEncoder
-from ldm.nn.lora import UNET_TARGETS
+from ldm.nn.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from ldm.nn.speedups import CudaGraphSteps, channels_last_input, compile_in_place, compile_mode, to_channels_last, uses_cuda_graphs
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,14 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         lora_rank: LoRA rank; 0 trains all UNet weights (full fine-tune), > 0 freezes them and trains peft
             LoRA adapters on ``lora_targets`` only (fp32 even under mixed precision).
         lora_alpha: LoRA alpha (update scale ``alpha / rank``); ``None`` means ``lora_rank``.
-        lora_targets: UNet layer names (or suffixes) that get adapters: the attention projections by default.
-        lora_text_encoder: Also put adapters on the text encoder's attention projections (then text
+        lora_targets: UNet layer names (or suffixes) that get adapters: the attention projections by default;
+            add ``ff.net.0.proj`` and ``ff.net.2`` for the transformer blocks' feed-forward layers (more capacity
+            to learn a new shape: the mirrored-digits demo), or resnet convolutions such as ``in_layers.2``.
+        lora_text_encoder: Also put adapters on the text encoder's ``lora_text_encoder_targets`` (then text
             embeddings are not cached).
+        lora_text_encoder_targets: Text-encoder layer names (or suffixes) that get adapters with
+            ``lora_text_encoder``: the attention projections by default; add ``fc1`` and ``fc2`` for the MLPs (what
+            kohya's sd-scripts adapt; the mirrored-digits demo learns its digits apart with them).
         lora_dropout: Dropout on the LoRA branch.
         lora_format: Layout of the exported adapter file: ``diffusers`` (``pytorch_lora_weights.safetensors``, what
             diffusers' ``load_lora_weights`` reads) or ``kohya`` (``<folder name>.safetensors`` with ``lora_unet_*`` /
@@ -146,6 +151,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
         lora_alpha: float | None = None,
         lora_targets: list[str] = list(UNET_TARGETS),  # noqa: B006
         lora_text_encoder: bool = False,
+        lora_text_encoder_targets: list[str] = list(TEXT_ENCODER_TARGETS),  # noqa: B006
         lora_dropout: float = 0.0,
         lora_format: Literal["diffusers", "kohya"] = "diffusers",
         gradient_checkpointing: bool = False,

@@ -178,3 +178,30 @@ def test_init_from_refuses_conflicting_arguments(base):
         LatentDiffusion(init_from=str(base["ours"]), autoencoder=str(base["assets"]["vae"]))
     with pytest.raises(ValueError, match="init_from"):
         LatentDiffusion()
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_lora_on_feed_forward_and_text_encoder_mlp_layers_exports_and_loads(base, tmp_path, layout):
+    """The demo recipe's wider adapters (UNet attention + feed-forward, CLIP attention + MLP) train, export in both
+    layouts and load back onto a base pipeline as what was trained."""
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    text_targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    model, _, _ = _finetune(base, tmp_path, "ours", steps=3, lora_rank=2, lora_alpha=2, learning_rate=1e-2, lora_targets=unet_targets,
+                            lora_text_encoder=True, lora_text_encoder_targets=text_targets, lora_format=layout)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for part in ("ff.net.0.proj", "ff.net.2", "attn2.to_k"):
+        assert any(f".{part}.lora_" in n and n.startswith("unet.") for n in trainable), part
+    for part in ("mlp.fc1", "mlp.fc2", "self_attn.q_proj"):
+        assert any(f".{part}.lora_" in n and n.startswith("text_encoder.") for n in trainable), part
+
+    pipe = LatentDiffusionPipeline.from_pretrained(base["ours"])
+    plain = pipe.text_encoder.encode([PROMPT])
+    pipe.load_lora(tmp_path / "out", scale=1.0)
+    ctx = pipe.text_encoder.encode([PROMPT])
+    model.eval()
+    with torch.no_grad():
+        trained_ctx = model.text_encoder.encode([PROMPT])
+        assert (trained_ctx - plain).abs().max() > 1e-4  # the text encoder's adapters changed it
+        torch.testing.assert_close(ctx, trained_ctx, atol=1e-5, rtol=1e-5)
+        x, ids = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        torch.testing.assert_close(pipe.unet(x, ids, ctx), model.unet(x, ids, ctx), atol=1e-5, rtol=1e-5)

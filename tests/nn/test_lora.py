@@ -232,9 +232,11 @@ def test_unet_lora_loads_in_diffusers_with_same_output(tmp_path, targets):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_text_encoder_lora_loads_in_diffusers_with_same_output(tmp_path):
+@pytest.mark.parametrize("targets", [TEXT_ENCODER_TARGETS, (*TEXT_ENCODER_TARGETS, "fc1", "fc2")], ids=["attention", "attention+mlp"])
+def test_text_encoder_lora_loads_in_diffusers_with_same_output(tmp_path, targets):
     lora_pipeline = pytest.importorskip("diffusers.loaders.lora_pipeline")
-    clip = randomize_lora_(add_lora(tiny_clip(), rank=2, alpha=4, target_modules=TEXT_ENCODER_TARGETS))
+    clip = randomize_lora_(add_lora(tiny_clip(), rank=2, alpha=4, target_modules=targets))
+    assert any(name.endswith("mlp.fc1") for name in lora_layers(clip)) == ("fc1" in targets)
     path = save_lora(tmp_path / "te.safetensors", text_encoder=clip)
     state_dict, network_alphas, metadata = lora_pipeline.StableDiffusionLoraLoaderMixin.lora_state_dict(
         str(path), return_lora_metadata=True
