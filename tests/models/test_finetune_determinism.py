@@ -79,11 +79,12 @@ def test_two_runs_of_the_demo_lora_config_write_identical_adapters(tiny_base, tm
     third = _fit(tmp_path / "c", base, data, None)  # encodes every batch
     fourth = _fit(tmp_path / "d", base, data, None)
     _assert_identical(third, fourth)
-    # Encoding a repeated caption once (the default outside the demo configs) is as repeatable: on data with two
-    # captions, so that every batch repeats one.
+    # Encoding a repeated caption once (the config's default) is as repeatable, and so is encoding every row: on data
+    # with two captions, so that every batch repeats one.
     few = _with_rows(data, tmp_path / "few", lambda i, row: {**row, "text": ["image 1", "picture 2"]})
-    once = [_fit(tmp_path / name, base, few, None, "--model.encode_repeated_captions_once", "true") for name in "ef"]
-    _assert_identical(*once)
+    for once in ("true", "false"):
+        runs = [_fit(tmp_path / f"{once}-{name}", base, few, None, "--model.encode_repeated_captions_once", once) for name in "ef"]
+        _assert_identical(*runs)
 
 
 def test_another_seed_gives_another_adapter(tiny_base, tmp_path):
