@@ -205,3 +205,8 @@ def test_lora_on_feed_forward_and_text_encoder_mlp_layers_exports_and_loads(base
         torch.testing.assert_close(ctx, trained_ctx, atol=1e-5, rtol=1e-5)
         x, ids = torch.randn(1, 4, 8, 8), torch.tensor([500])
         torch.testing.assert_close(pipe.unet(x, ids, ctx), model.unet(x, ids, ctx), atol=1e-5, rtol=1e-5)
+
+
+def test_text_encoder_targets_that_match_no_layer_are_named(base):
+    with pytest.raises(ValueError, match=r"no layer of .* matches target_modules=\['mlp_fc9'\]"):
+        LatentDiffusion(init_from=str(base["ours"]), lora_rank=2, lora_text_encoder=True, lora_text_encoder_targets=["mlp_fc9"])
