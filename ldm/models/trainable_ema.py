@@ -11,8 +11,9 @@ parameter that requires a gradient (the adapters; the whole UNet in a full fine-
   ramp (as in diffusers' EMA) makes the average follow the weights early on, so that a decay whose horizon
   ``1 / (1 - decay)`` is longer than the run still ends near trained weights instead of the initial ones.
 - Validation (its loss and sample images) runs on the averaged weights, then training continues on its own.
-- At the end of training the averaged weights are copied into the model, so ``SavePretrained`` (at the end of fit)
-  exports them.
+- At the end of training the averaged weights go into the model, so ``SavePretrained`` (at the end of fit) exports
+  them; the trained weights are kept aside, so a checkpoint written after that (Lightning's ``last.ckpt`` when
+  ``max_steps`` is reached) still holds them, and a run extended with a higher ``max_steps`` continues exactly.
 - The shadows and the update count are this callback's state in a Lightning checkpoint: a resumed run continues the
   same average. The module's own ``state_dict`` in the checkpoint holds the weights being trained.
 """
@@ -47,7 +48,8 @@ class TrainableEMA(pl.Callback):
         self._shadow: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.nn.Parameter] = {}  # the trained parameters, found once at fit start
         self._restored: dict[str, torch.Tensor] | None = None
-        self._swapped = False
+        self._swapped = False  # the model holds the average, the shadows the trained weights
+        self._exported = False  # training ended with the average in the model (validation no longer swaps)
 
     def current_decay(self) -> float:
         """The decay of the next update."""
@@ -71,6 +73,7 @@ class TrainableEMA(pl.Callback):
         self._shadow = {n: source[n].detach().to(device=p.device, dtype=torch.float32).clone() for n, p in trained.items()}
         self._params = trained
         self._restored = None
+        self._swapped = self._exported = False
         self._last_step = trainer.global_step
 
     @torch.no_grad()
@@ -99,19 +102,19 @@ class TrainableEMA(pl.Callback):
         self._swapped = not self._swapped
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._shadow and not self._swapped:
+        if self._shadow and not self._swapped and not self._exported:
             self._swap(pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._swapped:
+        if self._swapped and not self._exported:
             self._swap(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._swapped:
+        # The average into the model for the export; the trained weights into the shadows, where on_save_checkpoint
+        # finds them for a checkpoint written after this (ModelCheckpoint runs its train-end save after us).
+        if self._shadow and not self._swapped:
             self._swap(pl_module)
-        with torch.no_grad():
-            for name, shadow in self._shadow.items():
-                self._params[name].copy_(shadow.to(self._params[name].dtype))
+        self._exported = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "shadow": {n: t.detach().cpu() for n, t in self._shadow.items()}}
@@ -119,8 +122,8 @@ class TrainableEMA(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if not self._swapped:
             return
-        # Saved inside validation (the model holds the average, the shadows the trained weights): store them the
-        # right way round, so that a resumed run trains its own weights and averages on.
+        # Saved inside validation or after training ended (the model holds the average, the shadows the trained
+        # weights): store them the right way round, so that a resumed run trains its own weights and averages on.
         state = checkpoint["state_dict"]
         mine = checkpoint["callbacks"][self.state_key]
         for name, shadow in self._shadow.items():

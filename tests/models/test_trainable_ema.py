@@ -89,24 +89,29 @@ def test_validation_sees_the_average_and_training_goes_on_with_its_own_weights(t
         torch.testing.assert_close(ours["head.weight"], plain["head.weight"])
 
 
-def test_resumed_run_continues_the_same_average(tmp_path):
+# A checkpoint at the end of each epoch (3 steps); or every 5 steps, where a run that stops at step 2 gets its last.ckpt
+# from Lightning's save at the end of training, after the average went into the model: it must still hold the
+# trained weights (it did not before: a run extended with a higher max_steps then continued from the average).
+@pytest.mark.parametrize(("first_steps", "every_n_train_steps"), [(3, None), (2, 5)])
+def test_resumed_run_continues_the_same_average(tmp_path, first_steps, every_n_train_steps):
     def run(steps: int, ckpt_path: str | None = None) -> tuple[Toy, TrainableEMA]:
         pl.seed_everything(0)
         model, ema = Toy(), TrainableEMA(decay=0.7)
-        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=every_n_train_steps)
         _trainer(tmp_path, steps, [ema, checkpoint], limit_val_batches=0, enable_checkpointing=True).fit(
             model, _loader(12), ckpt_path=ckpt_path)
         return model, ema
 
-    first, _ = run(3)
+    first, _ = run(first_steps)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == first_steps
     state = saved["callbacks"][TrainableEMA().state_key]
-    assert state["updates"] == 3
+    assert state["updates"] == first_steps
     torch.testing.assert_close(state["shadow"]["head.weight"], _expected(first.after_step, _initial(), 0.7, True)["head.weight"])
     assert torch.equal(saved["state_dict"]["head.weight"], first.after_step[-1]["head.weight"])  # the trained weights
     resumed, ema = run(6, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert ema.updates == 6 and len(resumed.after_step) == 3
-    expected = _expected(resumed.after_step, state["shadow"], 0.7, True, done=3)
+    assert ema.updates == 6 and len(resumed.after_step) == 6 - first_steps
+    expected = _expected(resumed.after_step, state["shadow"], 0.7, True, done=first_steps)
     torch.testing.assert_close(resumed.head.weight.detach(), expected["head.weight"])
     torch.testing.assert_close(resumed.head.bias.detach(), expected["head.bias"])
 
