@@ -109,7 +109,7 @@ class LatentDiffusion(NonFiniteLossSkipping, pl.LightningModule):
             encoded in the step (trained, or not cached): the same context; a trained encoder's gradient sums the
             shared row's uses in another order, so the low bits differ from ``false``. Fine-tuning sets have few
             distinct captions (DreamBooth: two), where this is much faster; ``false`` repeats runs made before it
-            bit for bit (the demo configs, whose published figures were measured so).
+            bit for bit (the digits demo config, whose published figures were measured so).
 
     The grouped settings (``objective``, ``optimizer``, ``validation``, ``text_encoder_config``) take their config or a
     dict of its fields; ``hparams`` (and so checkpoints) hold them as dicts, the module as ``self.objective``,
